@@ -1,0 +1,432 @@
+"""Training throughput of lstm_jax on this host, with a same-run PyTorch baseline.
+
+Each *variant* (a set of host/model settings) runs in its own worker subprocess, because allocator
+settings must be applied before the first big allocation and the CPU device count before JAX starts;
+the PyTorch baseline runs in subprocesses of the same invocation, so every ratio in the output
+compares numbers measured minutes apart on the same machine state.
+
+Variants (cumulative, as in the performance issue):
+  plain        autodiff backward (jax.grad of lax.scan), 1 CPU device, glibc malloc defaults, f32
+  custom       + hand-written BPTT (recurrence.lstm_scan_custom_vjp)
+  malloc       + glibc malloc tuned (hostenv.tune_cpu_allocator)
+  devices      + one XLA CPU device per core, batch split over them (hostenv.configure_cpu_devices)
+  bf16         + bfloat16 matmul inputs (f32 accumulation, f32 cell state)
+  plain_dev    autodiff backward + malloc + devices (the "straightforward step" on all cores)
+  torch        PyTorch nn.LSTM as users run it (default environment)
+  torch_malloc PyTorch with the same glibc malloc settings (MALLOC_* env vars)
+
+Workloads (`--workloads`): window (seed: H=128, B=128, T=60, loss on the last char; samples/s),
+sequence (same model, loss at every position; target chars/s), large (H=512, B=64, T=100,
+sequence objective), grid (1-3 layers x 128-1024 hidden, sequence objective, best variant + torch).
+
+Every time is the median of `--repeats` timed repeats of `--min-time` seconds each, after compile
+and warm-up, with `block_until_ready`. Compile (trace + lower + XLA compile) is reported separately
+from the jax.monitoring events of the first call, and the number of compilations after the first
+step is recorded (must be 0).
+
+    flock /tmp/lstm_jax_cpu.lock python benchmarks/bench_train.py            # ~3 min
+    python benchmarks/bench_train.py --workloads window --variants custom,devices,torch
+    python benchmarks/bench_train.py --workloads grid --repeats 3 --min-time 0.5
+
+Writes benchmarks/results/train_cpu.json (merged per workload with earlier runs unless --fresh)
+and a PNG chart next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from torch_baseline import train_flops  # noqa: E402  (plain python, no torch import)
+
+SEED = dict(vocab=57, hidden=128, layers=1, batch=128, seq=60)
+WORKLOADS = {
+    "window": [dict(SEED, objective="window")],
+    "sequence": [dict(SEED, objective="sequence")],
+    "large": [dict(vocab=57, hidden=512, layers=1, batch=64, seq=100, objective="sequence")],
+    "grid": [dict(vocab=57, hidden=h, layers=l, batch=64, seq=100, objective="sequence")
+             for l in (1, 2, 3) for h in (128, 256, 512, 1024)],
+}
+
+# name -> worker settings (backward, malloc, devices, dtype) or torch settings
+VARIANTS = {
+    "plain": dict(kind="jax", backward="autodiff", malloc=False, devices=1, dtype="float32"),
+    "custom": dict(kind="jax", backward="custom", malloc=False, devices=1, dtype="float32"),
+    "malloc": dict(kind="jax", backward="custom", malloc=True, devices=1, dtype="float32"),
+    "devices": dict(kind="jax", backward="custom", malloc=True, devices=0, dtype="float32"),
+    "bf16": dict(kind="jax", backward="custom", malloc=True, devices=0, dtype="bfloat16"),
+    "plain_dev": dict(kind="jax", backward="autodiff", malloc=True, devices=0, dtype="float32"),
+    "plain_nomalloc_dev": dict(kind="jax", backward="autodiff", malloc=False, devices=0,
+                               dtype="float32"),
+    "default_env_dev": dict(kind="jax", backward="custom", malloc=False, devices=0, dtype="float32"),
+    "torch": dict(kind="torch", malloc=False),
+    "torch_malloc": dict(kind="torch", malloc=True),
+}
+DEFAULT_VARIANTS = "plain,custom,malloc,devices,bf16,plain_dev,torch,torch_malloc"
+GRID_VARIANTS = "devices,torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker: one JAX variant, several workloads, one process.
+# ------------------------------------------------------------------------------------------------
+
+def _compile_listener():
+    """Collects jax.monitoring compile-duration events; returns (events list, reset fn)."""
+    import jax
+    events = []
+
+    def listener(name, secs, **kw):
+        if "compile" in name or "trace" in name or "lower" in name or "mlir" in name:
+            events.append((name, secs))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events
+
+
+def _gemm_peak(repeats: int = 5) -> dict:
+    """GFLOP/s of a large f32 GEMM under XLA on one device (all its threads) = the MFU reference."""
+    import jax
+    import jax.numpy as jnp
+    out = {}
+    for n in (1024, 2048):
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a, a).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        out[f"xla_f32_{n}"] = 2 * n ** 3 / min(ts) / 1e9
+    return out
+
+
+def _make_step(wl: dict, var: dict):
+    """The project's own train step (lstm_jax.train.make_train_step) on a ('data',) mesh."""
+    import jax
+    import jax.numpy as jnp
+    from lstm_jax import config as config_lib, parallel, train
+
+    cfg = config_lib.get_config()
+    cfg.objective = wl["objective"]
+    cfg.seq_len = wl["seq"]
+    cfg.batch_size = wl["batch"]
+    cfg.model.hidden_size = wl["hidden"]
+    cfg.model.num_layers = wl["layers"]
+    cfg.model.dtype = var["dtype"]
+    cfg.model.backward = var["backward"]
+    # The seed's optimiser (as the PyTorch baseline): RMSprop, constant lr, no clipping.
+    cfg.optimizer.clip_norm = 0.0
+    cfg.optimizer.schedule = "constant"
+    mesh = parallel.make_mesh()
+    mcfg = train.model_config(cfg, wl["vocab"])
+    tx = train.make_optimizer(cfg, 1000)
+    graphdef, state = train.init_state(cfg, mcfg, tx, mesh)
+    step = train.make_train_step(graphdef, tx, cfg)
+    rng = jax.random.key(1)
+    batches = []
+    for k in range(4):  # (B, T + 1): inputs and next-char targets
+        rows = jax.random.randint(jax.random.fold_in(rng, k), (wl["batch"], wl["seq"] + 1), 0,
+                                  wl["vocab"], dtype=jnp.int32)
+        batches.append(jax.device_put(rows, parallel.data_sharded(mesh)))
+    key = jax.random.key(0)
+
+    def run(state, k):
+        return step(state, batches[k % len(batches)], key)
+    return state, run, step, mesh
+
+
+def worker(spec: dict) -> dict:
+    """Runs inside a fresh process; returns a JSON-able dict."""
+    from lstm_jax import hostenv
+    applied = {}
+    if spec["malloc"]:
+        applied = hostenv.tune_cpu_allocator(spec.get("mallopt") or None)
+    import jax
+    n_dev = spec["devices"]
+    hostenv.configure_cpu_devices(n_dev if n_dev else None)
+    events = _compile_listener()
+    result = {"variant": spec["name"], "settings": spec, "mallopt_applied": applied,
+              "jax_devices": [str(d) for d in jax.devices()], "results": []}
+    for wl in spec["workloads"]:
+        del events[:]
+        t0 = time.perf_counter()
+        state, run, step, mesh = _make_step(wl, spec)
+        jax.block_until_ready(state)
+        setup_s = time.perf_counter() - t0
+        del events[:]
+        t0 = time.perf_counter()
+        state, metrics = run(state, 0)
+        jax.block_until_ready(metrics)
+        first_s = time.perf_counter() - t0
+        compile_events = list(events)
+        del events[:]
+        # Warm-up, and steps per repeat so that a repeat takes about min_time.
+        t0 = time.perf_counter()
+        n_warm = 0
+        while n_warm < 3 or time.perf_counter() - t0 < 0.5 * spec["min_time"]:
+            state, metrics = run(state, n_warm + 1)
+            n_warm += 1
+        jax.block_until_ready(state)
+        per = (time.perf_counter() - t0) / n_warm
+        n = max(2, int(round(spec["min_time"] / per)))
+        times = []
+        for _ in range(spec["repeats"]):
+            t0 = time.perf_counter()
+            for k in range(n):
+                state, metrics = run(state, k)
+            jax.block_until_ready((state, metrics))
+            times.append((time.perf_counter() - t0) / n)
+        recompiles = sum(1 for name, _ in events if name.endswith("backend_compile_duration"))
+        med = statistics.median(times)
+        window = wl["objective"] == "window"
+        flops = train_flops(wl["objective"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"],
+                            wl["vocab"])
+
+        def total(suffix):
+            return sum(s for name, s in compile_events if name.endswith(suffix))
+        result["results"].append({
+            "workload": wl, "step_s": med, "step_s_all": times, "steps_per_repeat": n,
+            "samples_per_s": wl["batch"] / med,
+            "target_chars_per_s": (wl["batch"] if window else wl["batch"] * wl["seq"]) / med,
+            "gflops": flops / med / 1e9,
+            "first_step_s": first_s, "setup_s": setup_s,
+            "compile_s": {
+                "trace": total("jaxpr_trace_duration"),
+                "lower": total("jaxpr_to_mlir_module_duration"),
+                "backend_compile": total("backend_compile_duration"),
+            },
+            "compiles_after_first_step": recompiles,
+            "loss": float(metrics["loss"]),
+        })
+        del state, run, step
+    if spec.get("gemm_peak"):
+        result["gemm_peak_gflops"] = _gemm_peak()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestrator
+# ------------------------------------------------------------------------------------------------
+
+def _run_child(cmd: list[str], env: dict, timeout: float) -> list[dict]:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def run_variant(name: str, workloads: list[dict], args) -> list[dict]:
+    from lstm_jax import hostenv  # no jax import
+    var = VARIANTS[name]
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES":
+            del env[k]
+    if var["kind"] == "torch":
+        if var["malloc"]:
+            env.update(hostenv.allocator_env())
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "torch_baseline.py"),
+               "--workloads-json", json.dumps(workloads), "--repeats", str(args.repeats),
+               "--min-time", str(args.min_time)]
+        return [dict(r, variant=name) for r in _run_child(cmd, env, args.timeout)]
+    spec = dict(var, name=name, workloads=workloads, repeats=args.repeats, min_time=args.min_time,
+                gemm_peak=(name == args.peak_variant))
+    if var["dtype"] == "bfloat16" and args.bf16_isa:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.bf16_isa}").strip()
+    env["LSTM_JAX_NO_MALLOC_TUNING"] = "0"
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    (res,) = _run_child(cmd, env, args.timeout)
+    out = []
+    for r in res["results"]:
+        r.update(variant=name, jax_devices=res["jax_devices"], mallopt_applied=res["mallopt_applied"])
+        out.append(r)
+    if "gemm_peak_gflops" in res:
+        out.append({"variant": name, "gemm_peak_gflops": res["gemm_peak_gflops"]})
+    return out
+
+
+def _wl_key(wl: dict) -> str:
+    return f"{wl['objective']}/L{wl['layers']}xH{wl['hidden']}/B{wl['batch']}xT{wl['seq']}"
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            from importlib.metadata import version
+            out[mod] = version(mod)
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def summarize(rows: list[dict], peak: float | None) -> dict:
+    """{workload_key: {variant: metric, ..., ratios}} with the headline metric per objective."""
+    table = {}
+    for r in rows:
+        if "workload" not in r:
+            continue
+        key = _wl_key(r["workload"])
+        metric = "samples_per_s" if r["workload"]["objective"] == "window" else "target_chars_per_s"
+        t = table.setdefault(key, {"metric": metric, "values": {}, "gflops": {}, "mfu": {}})
+        t["values"][r["variant"]] = r[metric]
+        t["gflops"][r["variant"]] = r["gflops"]
+        if peak:
+            t["mfu"][r["variant"]] = r["gflops"] / peak
+    for t in table.values():
+        v = t["values"]
+        for base in ("torch", "torch_malloc"):
+            if base in v:
+                t[f"ratio_vs_{base}"] = {k: x / v[base] for k, x in v.items()}
+    return table
+
+
+def print_table(table: dict) -> None:
+    for key, t in table.items():
+        print(f"\n{key}  [{t['metric']}]")
+        for var, val in t["values"].items():
+            extra = ""
+            for base in ("torch", "torch_malloc"):
+                if f"ratio_vs_{base}" in t:
+                    extra += f"  x{t[f'ratio_vs_{base}'][var]:.2f} vs {base}"
+            mfu = f"  MFU {t['mfu'][var]:.0%}" if var in t["mfu"] else ""
+            print(f"  {var:<20s} {val:12,.0f}   {t['gflops'][var]:6.1f} GFLOP/s{mfu}{extra}")
+
+
+def plot(table: dict, path: pathlib.Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(table)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        t = table[key]
+        names = list(t["values"])
+        base = t.get("ratio_vs_torch")
+        vals = [base[n] if base else t["values"][n] for n in names]
+        colors = ["#d62728" if n.startswith("torch") else "#1f77b4" for n in names]
+        ax.barh(names, vals, color=colors)
+        ax.invert_yaxis()
+        if base:
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.axvline(1.5, color="g", lw=0.8, ls="--")
+            ax.set_xlabel("throughput / PyTorch (default env)")
+        else:
+            ax.set_xlabel(t["metric"])
+        for i, n in enumerate(names):
+            ax.text(vals[i], i, f" {t['values'][n]:,.0f}", va="center", fontsize=7)
+        ax.set_title(key.replace("/", "\n", 1), fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_grid(rows: list[dict], path: pathlib.Path, peak: float | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for var in sorted({r["variant"] for r in rows if "workload" in r}):
+        for layers in (1, 2, 3):
+            pts = sorted((r["workload"]["hidden"], r["gflops"]) for r in rows
+                         if r.get("variant") == var and r.get("workload", {}).get("layers") == layers)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ls="-" if not var.startswith("torch") else "--",
+                        label=f"{var} L={layers}")
+    if peak:
+        ax.axhline(peak, color="k", lw=0.8, ls=":", label=f"GEMM peak {peak:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("hidden size")
+    ax.set_ylabel("achieved model GFLOP/s")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("sequence objective, B=64, T=100")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workloads", default="window,sequence,large",
+                    help=f"comma list of {sorted(WORKLOADS)}")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma list of {sorted(VARIANTS)} (default: {DEFAULT_VARIANTS}; "
+                         f"for grid: {GRID_VARIANTS})")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch variants")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timed repeat")
+    ap.add_argument("--bf16-isa", default="",
+                    help="--xla_cpu_max_isa for the bf16 variant, e.g. AVX512_BF16 (only where the "
+                         "CPU exposes it)")
+    ap.add_argument("--peak-variant", default="custom",
+                    help="variant whose worker also measures the GEMM peak")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--out", default=str(RESULTS / "train_cpu.json"))
+    ap.add_argument("--fresh", action="store_true", help="do not merge with an existing JSON")
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {}
+    if out.exists() and not args.fresh:
+        record = json.loads(out.read_text())
+    runs = record.setdefault("runs", {})
+    for wname in args.workloads.split(","):
+        workloads = WORKLOADS[wname]
+        variants = (args.variants or (GRID_VARIANTS if wname == "grid" else DEFAULT_VARIANTS)).split(",")
+        if args.no_torch:
+            variants = [v for v in variants if not v.startswith("torch")]
+        rows, peak = [], None
+        t_start = time.time()
+        for v in variants:
+            t0 = time.perf_counter()
+            for r in run_variant(v, workloads, args):
+                if "gemm_peak_gflops" in r:
+                    peak = r["gemm_peak_gflops"]
+                else:
+                    rows.append(r)
+            print(f"[{wname}] {v}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        peak_val = max(peak.values()) if peak else (record.get("gemm_peak_gflops") or {}).get("max")
+        table = summarize(rows, peak_val)
+        print_table(table)
+        runs[wname] = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+                       "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
+                       "repeats": args.repeats, "min_time_s": args.min_time,
+                       "summary": table, "rows": rows}
+        if peak:
+            record["gemm_peak_gflops"] = dict(peak, max=max(peak.values()))
+        from lstm_jax import hostenv
+        record["host"] = hostenv.describe()
+        record["host"]["machine"] = platform.machine()
+        record["host"]["device_kind"] = "cpu"
+        record["versions"] = _versions()
+        out.write_text(json.dumps(record, indent=1))
+        if wname == "grid":
+            plot_grid(rows, out.parent / "train_cpu_grid.png", peak_val)
+        else:
+            plot(table, out.parent / f"train_cpu_{wname}.png",
+                 f"{wname}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
+                 f"{record['host']['cpu_count']} cores")
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The `lstm-jax` command line: train | sample | prepare | plot. Nothing else parses flags.
+
+Flags use absl; `--config` takes a configs/*.py file (default: the built-in default config) and
+`--config.FIELD=VALUE` overrides any field, as in the Flax examples.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from typing import Optional, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from lstm_jax import hostenv  # light: imports no JAX
+
+COMMANDS = {
+    "train": "train a model (resumes from the workdir's latest checkpoint)",
+    "sample": "generate text from a trained workdir",
+    "prepare": "encode a corpus once into memory-mappable train/val arrays",
+    "plot": "draw a run's loss curves (metrics.jsonl) to a PNG",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lstm-jax COMMAND [flags]", "", "commands:"]
+    lines += [f"  {name:8s} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`lstm-jax COMMAND --help` lists that command's flags (and, for train, every "
+              "config field)."]
+    return "\n".join(lines)
+
+
+def _config_help() -> str:
+    """Every config field with its default and the comment from lstm_jax/config.py."""
+    from lstm_jax import config as config_lib
+    comments = {}
+    for line in inspect.getsource(config_lib.get_config).splitlines():
+        m = re.match(r"\s*c\.([\w.]+)\s*=\s*(.+?)\s*#\s*(.*)", line)
+        if m:
+            comments[m.group(1)] = m.group(3)
+    rows = [f"  --config.{name}={value!r}  {comments.get(name, '')}"
+            for name, value in config_lib.flat_items(config_lib.get_config())]
+    return "config fields (override with --config.FIELD=VALUE):\n" + "\n".join(rows)
+
+
+def _define_config(fv: flags.FlagValues, argv: Sequence[str]) -> None:
+    """--config FILE if given, else the packaged default; both accept --config.FIELD=VALUE."""
+    from lstm_jax import config as config_lib
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        config_flags.DEFINE_config_file("config", None, "configs/*.py file with get_config()",
+                                        flag_values=fv, sys_argv=list(argv))
+    else:
+        config_flags.DEFINE_config_dict("config", config_lib.get_config(), "the default config",
+                                        flag_values=fv, sys_argv=list(argv))
+
+
+def _parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: str = "") -> None:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(f"usage: lstm-jax {command} [flags]\n\n{COMMANDS[command]}\n")
+        print(fv.get_help())
+        if extra_help:
+            print("\n" + extra_help)
+        raise SystemExit(0)
+    try:
+        fv(list(argv))
+    except flags.Error as e:
+        raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e)}")
+
+
+def _explain_flag_error(e: Exception) -> str:
+    """absl's message, plus the closest valid config fields for a misspelt --config.X."""
+    from lstm_jax import config as config_lib
+    message = str(e)
+    m = re.search(r"config\.([\w.]+)", message)
+    if m:
+        hint = config_lib.closest_fields(m.group(1))
+        if hint:
+            message += f"\n  did you mean {' or '.join('--config.' + h for h in hint)}?"
+    return message + "\n  (lstm-jax COMMAND --help lists every flag and config field)"
+
+
+def _host_setup(config) -> None:
+    """Fast CPU settings and multi-host start-up; must run before JAX computes anything."""
+    if config.parallel.tune_allocator:
+        hostenv.tune_cpu_allocator()
+    if config.parallel.cpu_devices != 0:
+        hostenv.configure_cpu_devices(None if config.parallel.cpu_devices < 0 else config.parallel.cpu_devices)
+    if config.parallel.distributed:
+        from lstm_jax import parallel
+        parallel.initialize_distributed(config.parallel.coordinator_address,
+                                        config.parallel.num_processes, config.parallel.process_id)
+
+
+def train(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", "runs/default", "run directory (checkpoints, metrics, samples)", flag_values=fv)
+    flags.DEFINE_bool("new_run", False, "move an existing run in --workdir aside and start afresh", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    _define_config(fv, argv)
+    _parse(fv, argv, "train", _config_help())
+    config = fv["config"].value
+    from lstm_jax import config as config_lib
+    try:
+        config_lib.validate(config)
+    except ValueError as e:
+        raise SystemExit(f"lstm-jax train: {e}")
+    _host_setup(config)
+    from lstm_jax import train as train_lib
+    result = _friendly(lambda: train_lib.train_and_evaluate(
+        config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value))
+    if result.preempted:
+        return 143
+    m = result.metrics
+    print(f"done: step {result.step}, train_loss {m.get('train_loss', float('nan')):.4f}"
+          + (f", val_loss {m['val_loss']:.4f}, val_last_loss {m['val_last_loss']:.4f}" if "val_loss" in m else "")
+          + f"; workdir {fv['workdir'].value}")
+    return 0
+
+
+def sample(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "trained run directory", flag_values=fv)
+    flags.DEFINE_integer("num_samples", 4, "rows to generate", flag_values=fv)
+    flags.DEFINE_integer("length", 400, "characters per sample (after the prime)", flag_values=fv)
+    flags.DEFINE_list("temperature", ["0.2", "0.5", "1.0", "1.2"], "temperatures cycled over rows; 0 = greedy", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "keep only the k most likely chars (0 = off)", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1 = off)", flag_values=fv)
+    flags.DEFINE_string("prime", "", "text every row starts from", flag_values=fv)
+    flags.DEFINE_string("prime_file", None, "file with one prime per line, cycled over rows", flag_values=fv)
+    flags.DEFINE_bool("drop_unknown", False, "drop prime chars outside the vocabulary instead of failing", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "row i's text depends only on (seed, i, its prime/temperature)", flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 4096, "rows per compiled call; bounds memory", flag_values=fv)
+    flags.DEFINE_string("out", None, "JSONL output ({index, temperature, prime, text}); stdout text if absent", flag_values=fv)
+    flags.DEFINE_string("context", "state", "state (O(1) per char) | window (the seed's rolling window)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    _parse(fv, argv, "sample")
+    from lstm_jax import sample as sample_lib
+    from lstm_jax import train as train_lib
+    try:
+        temperatures = [float(t) for t in fv["temperature"].value]
+    except ValueError:
+        raise SystemExit(f"lstm-jax sample: --temperature must be numbers separated by commas, "
+                         f"got {','.join(fv['temperature'].value)!r}")
+    if fv["prime_file"].value:
+        try:
+            with open(fv["prime_file"].value, encoding="utf-8") as f:
+                prime = [line.rstrip("\n") for line in f]
+        except OSError as e:
+            raise SystemExit(f"lstm-jax sample: cannot read --prime_file: {e}")
+    else:
+        prime = fv["prime"].value or None
+    model, vocab, config = _friendly(lambda: train_lib.restore_model(fv["workdir"].value, fv["step"].value))
+    _friendly(lambda: sample_lib.write_samples(
+        model, vocab, fv["out"].value, num_samples=fv["num_samples"].value,
+        length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
+        top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
+        chunk_size=fv["chunk_size"].value, unknown="drop" if fv["drop_unknown"].value else "error",
+        context=fv["context"].value, window=config.seq_len))
+    return 0
+
+
+def prepare(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", None, "output directory for train.bin, val.bin, vocab.json", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    _define_config(fv, argv)
+    _parse(fv, argv, "prepare", _config_help())
+    config = fv["config"].value
+    from lstm_jax import corpora, data
+    text = _friendly(lambda: corpora.load_text(config.corpus, lowercase=config.lowercase,
+                                               errors=config.encoding_errors))
+    vocab = data.prepare(text, fv["out"].value, config.val_fraction)
+    print(f"prepared {len(text):,} chars, vocab {len(vocab)}, in {fv['out'].value}; "
+          f"train with --config.corpus=prepared:{fv['out'].value}")
+    return 0
+
+
+def plot(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_string("workdir", None, "run directories to plot (repeat for several)", flag_values=fv)
+    flags.DEFINE_string("out", "loss.png", "PNG to write", flag_values=fv)
+    flags.DEFINE_bool("keras_reference", True, "draw the Keras reference figures as points", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    _parse(fv, argv, "plot")
+    from lstm_jax import plot as plot_lib
+    _friendly(lambda: plot_lib.plot_runs(fv["workdir"].value, fv["out"].value,
+                                         keras_reference=fv["keras_reference"].value))
+    print(f"wrote {fv['out'].value}")
+    return 0
+
+
+def _friendly(fn):
+    """Known user-facing errors become one clear line instead of a traceback."""
+    from lstm_jax import checkpoint, corpora, data
+    from lstm_jax.train import TrainingError
+    try:
+        return fn()
+    except (corpora.CorpusError, data.DataError, checkpoint.CheckpointError, TrainingError,
+            ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"lstm-jax: error: {e}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command = argv[1]
+    if command not in COMMANDS:
+        import difflib
+        hint = difflib.get_close_matches(command, COMMANDS, n=1)
+        raise SystemExit(f"lstm-jax: unknown command {command!r}"
+                         + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
+    return {"train": train, "sample": sample, "prepare": prepare, "plot": plot}[command](
+        [f"lstm-jax {command}"] + argv[2:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The one config schema (an ml_collections ConfigDict) and its validation.
+
+`get_config()` is the default run: the built-in corpus, finishing in a few minutes on 2 CPU cores.
+Files in `configs/` start from it and change fields; `--config.FIELD=VALUE` overrides any field.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+# Fields that fix parameter shapes or the forward computation: a workdir whose saved config differs
+# in any of these cannot be resumed (see checkpoint.check_compatible).
+MODEL_FIELDS = ("model.hidden_size", "model.num_layers", "model.keras_init", "model.dtype",
+                "model.param_dtype", "corpus", "lowercase")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Default: sequence objective on the built-in corpus (pydoc reference text), ~2 min on 2 cores."""
+    c = ml_collections.ConfigDict()
+    # --- data -----------------------------------------------------------------------------------
+    c.corpus = "builtin"           # builtin | nietzsche | PATH or GLOB | tfds:NAME[:split] | prepared:DIR
+    c.lowercase = False            # the seed lowercases its corpus
+    c.encoding_errors = "strict"   # how undecodable bytes are handled: strict | replace | ignore
+    c.val_fraction = 0.05          # held-out tail of the corpus used for validation
+    c.objective = "sequence"       # window (seed: loss on the char after each window) | sequence
+    c.seq_len = 100                # window length (seed: 60) or chunk length T for `sequence`
+    c.window_step = 3              # window objective: a window starts every `window_step` chars
+    c.batch_size = 128             # global batch (all devices, all processes)
+    c.per_device_batch_size = 0    # if > 0, overrides batch_size = this x device count
+    c.grad_accum_steps = 1         # micro-batches per update, for global batches that do not fit
+    # --- model ----------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden_size = 256      # LSTM units per layer
+    c.model.num_layers = 1         # stacked LSTM layers
+    c.model.dropout = 0.0          # dropout between layers and before the head (training only)
+    c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
+    c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays f32)
+    c.model.param_dtype = "float32"
+    c.model.backward = "custom"    # custom (hand BPTT, faster) | autodiff (jax.grad of the scan)
+    # --- optimisation ---------------------------------------------------------------------------
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 0.01   # Keras RMSprop default
+    c.optimizer.decay = 0.9            # RMSprop rho
+    c.optimizer.eps = 1e-7             # Keras epsilon, inside the sqrt
+    c.optimizer.clip_norm = 5.0        # global-norm gradient clipping; 0 disables (seed: none)
+    c.optimizer.schedule = "cosine"    # constant | cosine (decays to lr * final_lr_fraction)
+    c.optimizer.warmup_steps = 0       # linear warm-up steps
+    c.optimizer.final_lr_fraction = 0.1
+    c.num_epochs = 3                   # passes over the training split
+    c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
+    c.seed = 0                         # params, shuffling, dropout and samples all derive from it
+    # --- logging, evaluation, samples -----------------------------------------------------------
+    c.log_every = 50                   # steps between metrics.jsonl training events
+    c.eval_every = 0                   # steps between evaluations; 0 = at the end of each epoch
+    c.eval_window = 60                 # held-out windows of this length give val_last_loss
+    c.eval_stride = 3                  # ... one starting every eval_stride chars (seed: 3)
+    c.eval_max_windows = 8192          # cap on held-out windows per evaluation (evenly spaced)
+    c.sample = ml_collections.ConfigDict()
+    c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the seed's four
+    c.sample.length = 400              # chars per sample
+    c.sample.every_epochs = 1          # sample after every N epochs (and at the end); 0 = only at end
+    c.sample.prime = ""                # empty: a random held-out window, as the seed does
+    # --- checkpoints ----------------------------------------------------------------------------
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000    # save every N steps (and at each epoch end and the end)
+    c.checkpoint.max_to_keep = 3       # keep the last K ...
+    c.checkpoint.keep_best = True      # ... plus the best by val_loss
+    # --- parallelism and host -------------------------------------------------------------------
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "mesh"           # mesh (jit over a ('data',) mesh) | pmap
+    c.parallel.num_devices = 0         # devices in the mesh; 0 = all devices of all processes
+    c.parallel.cpu_devices = -1        # CPU hosts: XLA CPU devices; -1 = one per core, 0 = leave as is
+    c.parallel.tune_allocator = True   # glibc malloc settings that stop XLA re-mapping temporaries
+    c.parallel.distributed = False     # call jax.distributed.initialize (multi-host)
+    c.parallel.coordinator_address = ""  # host:port of process 0 ('' = auto-detect, TPU/SLURM)
+    c.parallel.num_processes = 0       # 0 = auto-detect
+    c.parallel.process_id = -1         # -1 = auto-detect
+    return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports a `configs/*.py` file and returns its `get_config()`."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {path!r} does not exist; pass a path such as configs/nietzsche.py")
+    spec = importlib.util.spec_from_file_location(f"lstm_jax_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """('model.hidden_size', 256), ... for every leaf field."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def closest_fields(name: str, config: ml_collections.ConfigDict | None = None) -> list[str]:
+    """The valid field names nearest to a misspelt one, for error messages."""
+    names = [k for k, _ in flat_items(config or get_config())]
+    return difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+    """Every field must exist in the schema; unknown ones name the closest valid fields."""
+    known = dict(flat_items(get_config()))
+    for name, _ in flat_items(config):
+        if name not in known:
+            hint = closest_fields(name)
+            raise ValueError(f"unknown config field {name!r}"
+                             + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else ""))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field and the fix for anything that cannot run."""
+    check_fields(config)
+    positive = ["seq_len", "window_step", "num_epochs", "model.hidden_size", "model.num_layers",
+                "log_every", "eval_window", "eval_stride", "eval_max_windows", "grad_accum_steps",
+                "sample.length"]
+    for name in positive:
+        value = _get(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if config.per_device_batch_size < 0 or (config.per_device_batch_size == 0 and config.batch_size <= 0):
+        raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
+    for name in ("max_steps", "eval_every", "checkpoint.every_steps", "sample.every_epochs"):
+        if _get(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {_get(config, name)!r}")
+    if config.objective not in ("window", "sequence"):
+        raise ValueError(f"objective must be 'window' or 'sequence', got {config.objective!r}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.optimizer.learning_rate <= 0 or config.optimizer.eps <= 0:
+        raise ValueError("optimizer.learning_rate and optimizer.eps must be positive")
+    if not 0.0 <= config.optimizer.decay < 1.0:
+        raise ValueError(f"optimizer.decay must be in [0, 1), got {config.optimizer.decay}")
+    if config.optimizer.clip_norm < 0:
+        raise ValueError("optimizer.clip_norm must be >= 0 (0 disables clipping)")
+    if config.optimizer.schedule not in ("constant", "cosine"):
+        raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
+    if config.model.backward not in ("custom", "autodiff"):
+        raise ValueError(f"model.backward must be 'custom' or 'autodiff', got {config.model.backward!r}")
+    if config.parallel.mode not in ("mesh", "pmap"):
+        raise ValueError(f"parallel.mode must be 'mesh' or 'pmap', got {config.parallel.mode!r}")
+    if config.encoding_errors not in ("strict", "replace", "ignore"):
+        raise ValueError("encoding_errors must be strict, replace or ignore")
+    for t in config.sample.temperatures:
+        if not t >= 0 or t == float("inf"):
+            raise ValueError(f"sample.temperatures must be finite and >= 0, got {t!r}")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config

@@ -1,0 +1,247 @@
+"""Vocabulary, encoding, train/validation split and fixed-shape integer batches.
+
+Text is encoded once into the smallest unsigned dtype. Batches are (rows, L + 1) token arrays:
+inputs are `[:, :-1]`; targets are `[:, -1]` (window objective: the char after each window) or
+`[:, 1:]` (sequence objective: every position). Every batch is a pure function of
+(seed, epoch, index), so any process can build its own rows of any global batch, and resuming at a
+step rebuilds exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import queue
+import threading
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A problem with the corpus or batch sizes, with the fix in the message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """Sorted distinct characters (the seed's `sorted(set(text))`), in index order."""
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        if not text:
+            raise DataError("cannot build a vocabulary from an empty corpus; check the corpus source")
+        return cls(tuple(sorted(set(text))))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Smallest unsigned integer dtype that holds every index."""
+        return np.dtype(np.uint8 if len(self) <= 2**8 else np.uint16 if len(self) <= 2**16 else np.uint32)
+
+    def _codepoint_table(self) -> tuple[np.ndarray, np.ndarray]:
+        codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        return codepoints, np.arange(len(self), dtype=self.dtype)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return sorted(set(text) - set(self.chars))
+
+    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+        """Text -> index array. `unknown` = 'error' (list the offending chars) or 'drop'."""
+        missing = self.unknown_chars(text)
+        if missing:
+            if unknown != "drop":
+                raise DataError(f"characters not in the vocabulary: {''.join(missing)!r} "
+                                f"({len(missing)} distinct); remove them or drop them (unknown='drop')")
+            text = "".join(c for c in text if c not in set(missing))
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table, ids = self._codepoint_table()  # table is sorted because chars are sorted
+        return ids[np.searchsorted(table, codes)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        chars = self.chars
+        return "".join(chars[int(i)] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"chars": list(self.chars)}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocab":
+        return cls(tuple(json.loads(text)["chars"]))
+
+    def save(self, path: os.PathLike) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: os.PathLike) -> "Vocab":
+        return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> None:
+    """Writes via a temporary file and rename, so a crash never leaves a half-written file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train = head, validation = held-out tail (no shuffling across the boundary)."""
+    n_val = int(len(tokens) * val_fraction)
+    return tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+
+
+class Batcher:
+    """Deterministic per-epoch shuffled batches of (rows, L + 1) tokens."""
+    num_examples: int
+    example_len: int  # L + 1
+
+    def __init__(self, tokens: np.ndarray, global_batch: int, seed: int):
+        self.tokens = tokens
+        self.global_batch = global_batch
+        self.seed = seed
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.global_batch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm, self._perm_epoch = rng.permutation(self.num_examples), epoch
+        return self._perm
+
+    def _starts(self, epoch: int, example_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def batch(self, epoch: int, index: int, rows: slice = slice(None)) -> np.ndarray:
+        """Rows `rows` of global batch `index` in `epoch`, as int32 (rows, L + 1)."""
+        ids = self._permutation(epoch)[index * self.global_batch:(index + 1) * self.global_batch][rows]
+        starts = self._starts(epoch, ids)
+        return np.asarray(self.tokens[starts[:, None] + np.arange(self.example_len)], dtype=np.int32)
+
+    def epoch_batches(self, epoch: int, start_index: int = 0, rows: slice = slice(None)) -> Iterator[np.ndarray]:
+        for index in range(start_index, self.steps_per_epoch):
+            yield self.batch(epoch, index, rows)
+
+
+class WindowBatcher(Batcher):
+    """The seed's windows: `text[i:i+maxlen]` -> `text[i+maxlen]` for i in range(0, n - maxlen, step)."""
+
+    def __init__(self, tokens: np.ndarray, maxlen: int, step: int, global_batch: int, seed: int):
+        super().__init__(tokens, global_batch, seed)
+        self.maxlen, self.step = maxlen, step
+        self.num_examples = len(range(0, len(tokens) - maxlen, step))
+        self.example_len = maxlen + 1
+        _check_enough(self.num_examples, global_batch, "windows", len(tokens))
+
+    def _starts(self, epoch: int, example_ids: np.ndarray) -> np.ndarray:
+        return example_ids * self.step
+
+
+class SequenceBatcher(Batcher):
+    """Contiguous chunks of T + 1 tokens, next-char loss at every position.
+
+    Each epoch shifts the chunk grid by a random offset in [0, T) so chunk boundaries move.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        super().__init__(tokens, global_batch, seed)
+        self.seq_len = seq_len
+        self.num_examples = max(0, (len(tokens) - seq_len) // seq_len)  # fits every offset
+        self.example_len = seq_len + 1
+        _check_enough(self.num_examples, global_batch, f"{seq_len}-char chunks", len(tokens))
+
+    def _starts(self, epoch: int, example_ids: np.ndarray) -> np.ndarray:
+        offset = np.random.default_rng([self.seed, epoch, 1]).integers(self.seq_len)
+        return offset + example_ids * self.seq_len
+
+
+def _check_enough(num_examples: int, global_batch: int, what: str, num_tokens: int) -> None:
+    if num_examples < global_batch:
+        raise DataError(
+            f"the training split ({num_tokens} chars) gives {num_examples} {what}, fewer than one "
+            f"batch of {global_batch}; use a larger corpus, a smaller batch_size or a shorter seq_len")
+
+
+def make_batcher(config, tokens: np.ndarray, global_batch: int) -> Batcher:
+    if config.objective == "window":
+        return WindowBatcher(tokens, config.seq_len, config.window_step, global_batch, config.seed)
+    return SequenceBatcher(tokens, config.seq_len, global_batch, config.seed)
+
+
+def eval_windows(val_tokens: np.ndarray, window: int, stride: int, max_windows: int) -> np.ndarray:
+    """Held-out (N, window + 1) windows starting every `stride` chars, at most `max_windows`
+    of them, evenly spaced: the seed's windows, on text the model never trained on."""
+    starts = np.arange(0, len(val_tokens) - window, stride)
+    if len(starts) == 0:
+        raise DataError(f"the validation split ({len(val_tokens)} chars) is shorter than one "
+                        f"{window}-char window; raise val_fraction or lower eval_window")
+    if len(starts) > max_windows:
+        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
+    return np.asarray(val_tokens[starts[:, None] + np.arange(window + 1)], dtype=np.int32)
+
+
+def pad_rows(rows: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pads to a multiple of `multiple` rows; returns (rows, weight) with weight 0 on padding."""
+    pad = (-len(rows)) % multiple
+    weight = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+    return np.concatenate([rows, np.zeros((pad,) + rows.shape[1:], rows.dtype)]), weight
+
+
+# --- prepared (memory-mapped) corpora ---------------------------------------------------------
+
+def prepare(text: str, out_dir: os.PathLike, val_fraction: float, vocab: Optional[Vocab] = None) -> Vocab:
+    """Encodes once and writes train.bin / val.bin (raw indices) + vocab.json + meta.json."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = vocab or Vocab.from_text(text)
+    train, val = split_tokens(vocab.encode(text), val_fraction)
+    for name, arr in (("train.bin", train), ("val.bin", val)):
+        tmp = out / f".{name}.tmp"
+        arr.astype(vocab.dtype).tofile(tmp)
+        os.replace(tmp, out / name)
+    vocab.save(out / "vocab.json")
+    atomic_write_text(out / "meta.json", json.dumps(
+        {"dtype": vocab.dtype.name, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+         "val_fraction": val_fraction}))
+    return vocab
+
+
+def load_prepared(directory: os.PathLike) -> tuple[Vocab, np.ndarray, np.ndarray]:
+    """Memory-maps a `prepare`d corpus: nothing is read until a batch touches it."""
+    d = pathlib.Path(directory)
+    if not (d / "meta.json").is_file():
+        raise DataError(f"{d} is not a prepared corpus (no meta.json); create it with "
+                        f"`lstm-jax prepare --config ... --out {d}`")
+    meta = json.loads((d / "meta.json").read_text())
+    vocab = Vocab.load(d / "vocab.json")
+    arrays = [np.memmap(d / name, dtype=meta["dtype"], mode="r", shape=(meta[key],))
+              for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens"))]
+    return vocab, arrays[0], arrays[1]
+
+
+def prefetch(iterable: Iterable, size: int = 2) -> Iterator:
+    """Runs `iterable` in a background thread, `size` items ahead (overlaps batch building and
+    host-to-device transfer with the device step)."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    end = object()
+
+    def worker():
+        try:
+            for item in iterable:
+                q.put(item)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+            return
+        q.put(end)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -1,0 +1,236 @@
+"""Host (CPU) settings that make LSTM training fast on a CPU host; all safe on GPU/TPU hosts.
+
+Three independent knobs, each applied to *this* process only:
+
+* `tune_cpu_allocator()`: glibc `mallopt` through ctypes. XLA's CPU runtime frees and re-allocates
+  its big temporaries every step; with glibc's defaults every buffer above the (dynamic) mmap
+  threshold is a fresh `mmap` + page faults + `munmap`, and freed heap tops are trimmed back to the
+  kernel. Keeping them on the heap makes the same memory come back warm. Call it as early as
+  possible (before JAX allocates anything big); calling later still helps from then on.
+* `configure_cpu_devices(n)`: `jax_num_cpu_devices = n` (default: the core count), so a CPU host
+  shows one JAX device per core and a data-parallel step (batch split over the 'data' mesh axis)
+  uses every core. One XLA CPU device runs these small (B, H) x (H, 4H) ops on one core. Must run
+  before JAX initialises its backends (before the first array or `jax.devices()` call).
+* `cpu_xla_flags(...)`: optional XLA CPU flags (e.g. `--xla_cpu_max_isa=...`), to be put in
+  `XLA_FLAGS` before JAX is imported.
+
+Measured numbers are in the docstrings of each function and in benchmarks/results/train_cpu.json.
+Typical start-up order in a CLI:
+
+    from lstm_jax import hostenv          # imports nothing heavy; does not initialise JAX
+    hostenv.tune_cpu_allocator()
+    hostenv.configure_cpu_devices()       # before any JAX computation
+    import jax ...                        # then build mesh, model, train
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import sys
+import warnings
+from typing import Optional
+
+# glibc <malloc.h> parameter numbers.
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
+M_ARENA_TEST = -7
+M_ARENA_MAX = -8
+
+# The largest mmap threshold glibc accepts on 64-bit hosts (HEAP_MAX_SIZE / 2 = 32 MiB).
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+
+# Defaults chosen by measurement (see `tune_cpu_allocator`).
+DEFAULT_MALLOPT = {
+    "M_MMAP_MAX": 0,                      # never serve malloc from fresh mmaps
+    "M_TRIM_THRESHOLD": 2 ** 31 - 1,      # never give heap tops back to the kernel
+    "M_ARENA_MAX": 1,                     # one arena: freed blocks are reused by every thread
+}
+
+_PARAMS = {
+    "M_TRIM_THRESHOLD": M_TRIM_THRESHOLD,
+    "M_TOP_PAD": M_TOP_PAD,
+    "M_MMAP_THRESHOLD": M_MMAP_THRESHOLD,
+    "M_MMAP_MAX": M_MMAP_MAX,
+    "M_ARENA_TEST": M_ARENA_TEST,
+    "M_ARENA_MAX": M_ARENA_MAX,
+}
+
+# The same settings as environment variables glibc reads at start-up (for a child process such as
+# a PyTorch baseline; they do nothing once the process is running).
+_ENV_NAMES = {
+    "M_TRIM_THRESHOLD": "MALLOC_TRIM_THRESHOLD_",
+    "M_TOP_PAD": "MALLOC_TOP_PAD_",
+    "M_MMAP_THRESHOLD": "MALLOC_MMAP_THRESHOLD_",
+    "M_MMAP_MAX": "MALLOC_MMAP_MAX_",
+    "M_ARENA_TEST": "MALLOC_ARENA_TEST",
+    "M_ARENA_MAX": "MALLOC_ARENA_MAX",
+}
+
+_applied: dict[str, int] = {}
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc_name, _ = platform.libc_ver()
+    if libc_name != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_cpu_allocator(settings: Optional[dict[str, int]] = None) -> dict[str, int]:
+    """Applies glibc `mallopt` settings to this process; returns {name: value} of what was applied.
+
+    `settings` maps names from `_PARAMS` (e.g. "M_MMAP_MAX") to ints; default `DEFAULT_MALLOPT`:
+    no mmap-backed mallocs, no heap trimming, one arena. A no-op returning {} off glibc (macOS,
+    Windows, musl) or when `LSTM_JAX_NO_MALLOC_TUNING=1`. Harmless on GPU/TPU hosts: it changes
+    only host-side malloc (the same memory is kept for reuse instead of returned to the kernel, so
+    the resident set stays at the peak of the step instead of dropping between steps).
+
+    Measured (2-core Zen 4 VM, seed model H=128 B=128 T=60, custom-VJP step on 1 CPU device;
+    benchmarks/results/train_cpu.json has the same-run table): see MEASURED_ALLOCATOR below.
+    """
+    if os.environ.get("LSTM_JAX_NO_MALLOC_TUNING", "") not in ("", "0"):
+        return {}
+    libc = _glibc()
+    if libc is None:
+        return {}
+    settings = DEFAULT_MALLOPT if settings is None else settings
+    applied = {}
+    for name, value in settings.items():
+        if name not in _PARAMS:
+            raise ValueError(f"unknown mallopt parameter {name!r}; use one of {sorted(_PARAMS)}")
+        if name == "M_MMAP_THRESHOLD":
+            value = min(int(value), _MMAP_THRESHOLD_MAX)
+        if libc.mallopt(_PARAMS[name], int(value)) == 1:
+            applied[name] = int(value)
+    _applied.update(applied)
+    return applied
+
+
+def allocator_env(settings: Optional[dict[str, int]] = None) -> dict[str, str]:
+    """The environment variables that give a *child* process the same glibc malloc settings."""
+    settings = DEFAULT_MALLOPT if settings is None else settings
+    return {_ENV_NAMES[k]: str(v) for k, v in settings.items()}
+
+
+def applied_allocator_settings() -> dict[str, int]:
+    """What `tune_cpu_allocator` has applied in this process so far."""
+    return dict(_applied)
+
+
+def _backends_initialized() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return xla_bridge.backends_are_initialized()
+    except Exception:  # private API moved: assume not initialised and let jax validate
+        return False
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_cpu_devices(n: Optional[int] = None) -> Optional[int]:
+    """Makes JAX's CPU backend expose `n` devices (default: one per core); returns n, or None.
+
+    Must be called before JAX initialises its backends, i.e. before the first JAX computation,
+    array creation or `jax.devices()` call (importing jax is fine). Called too late it changes
+    nothing, warns, and returns None. Respects an explicit `jax_num_cpu_devices` or
+    `--xla_force_host_platform_device_count` (then returns None and leaves them alone).
+    On GPU/TPU hosts it only affects the (unused) CPU backend: `jax.devices()` still lists the
+    accelerators, so it is safe to call unconditionally.
+
+    What it buys: on this 2-core VM a data-parallel train step (batch split over 2 CPU devices)
+    runs the two halves' small matmuls and elementwise loops on separate cores, where one device
+    runs them on one; see MEASURED_DEVICES below.
+    """
+    if n is None:
+        n = cpu_count()
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    import jax  # importing does not initialise backends
+    if jax.config.jax_num_cpu_devices not in (-1, None):
+        return None
+    if _backends_initialized():
+        warnings.warn(
+            "lstm_jax.hostenv.configure_cpu_devices() was called after JAX initialised its "
+            "backends; the CPU device count stays as it is. Call it before any JAX computation.",
+            RuntimeWarning, stacklevel=2)
+        return None
+    jax.config.update("jax_num_cpu_devices", n)
+    return n
+
+
+def cpu_xla_flags(max_isa: Optional[str] = None, extra: tuple[str, ...] = ()) -> str:
+    """Appends XLA CPU flags to `XLA_FLAGS` (only effective before jax is imported); returns it.
+
+    `max_isa` sets `--xla_cpu_max_isa` (e.g. "AVX512_BF16" on a Zen 4 / Sapphire Rapids host whose
+    kernel exposes AVX-512; bf16 matmul inputs only pay off where the CPU has native bf16 dot
+    instructions). Flags already present are not duplicated. CPU-only flags: no effect on GPU/TPU.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    new = list(extra)
+    if max_isa:
+        new.append(f"--xla_cpu_max_isa={max_isa}")
+    for f in new:
+        key = f.split("=")[0]
+        if not any(x.split("=")[0] == key for x in flags):
+            flags.append(f)
+    if "jax" in sys.modules and new:
+        warnings.warn("cpu_xla_flags(): jax is already imported; XLA_FLAGS may be read already.",
+                      RuntimeWarning, stacklevel=2)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    return os.environ["XLA_FLAGS"]
+
+
+def cpu_has_native_bf16() -> bool:
+    """True if the CPU advertises AVX512_BF16 or AMX-BF16 (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def describe() -> dict:
+    """Host facts for benchmark records: cores, libc, bf16 support, applied settings."""
+    info = {
+        "cpu_count": cpu_count(),
+        "libc": "-".join(platform.libc_ver()),
+        "native_bf16": cpu_has_native_bf16(),
+        "mallopt": applied_allocator_settings(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info

@@ -1,0 +1,76 @@
+"""Device mesh, shardings, multi-host start-up, and the thin pmap variant of the train step.
+
+The default path is SPMD: one `jax.jit` over a ('data',) mesh, state replicated, batches sharded on
+their leading axis. Nothing here knows about LSTMs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A 1-D ('data',) mesh over all (or the given) devices, with Auto axis types.
+
+    Auto is explicit here because the Explicit default breaks embedding gathers on sharded ids.
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    return Mesh(np.asarray(devices), (DATA_AXIS,),
+                axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data axis."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
+    """Global batches must split evenly over devices and processes."""
+    n = mesh.devices.size
+    if global_batch % n:
+        lo, hi = (global_batch // n) * n, (global_batch // n + 1) * n
+        raise ValueError(
+            f"{what}={global_batch} does not divide by the {n} devices of the mesh; "
+            f"use a multiple of {n} (e.g. {lo or hi} or {hi}), or set per_device_batch_size")
+
+
+def process_rows(global_batch: int) -> slice:
+    """Rows of the global batch that this process loads (contiguous, in process order)."""
+    per = global_batch // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def to_global(local_rows: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Places this process's rows as its slice of one global array sharded over 'data'."""
+    return jax.make_array_from_process_local_data(data_sharded(mesh), local_rows)
+
+
+def initialize_distributed(coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """`jax.distributed.initialize` with '' / 0 / -1 meaning "let JAX auto-detect" (TPU pods,
+    SLURM, ...). Must run before any JAX computation. CPU processes use gloo collectives."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if coordinator_address:
+        kwargs["coordinator_address"] = coordinator_address
+    if num_processes > 0:
+        kwargs["num_processes"] = num_processes
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
+    jax.distributed.initialize(**kwargs)
+
+
+def replicate_for_pmap(tree, devices: Sequence[jax.Device]):
+    """Stacks a host pytree once per device along a new leading axis, placed for `jax.pmap`."""
+    sharding = jax.sharding.PmapSharding.default((len(devices),), 0, devices)
+    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)

@@ -64,20 +64,22 @@ def _parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: 
         raise SystemExit(0)
     try:
         fv(list(argv))
-    except flags.Error as e:
-        raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e)}")
+    except (flags.Error, AttributeError, KeyError) as e:
+        raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e, argv)}")
 
 
-def _explain_flag_error(e: Exception) -> str:
-    """absl's message, plus the closest valid config fields for a misspelt --config.X."""
+def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
+    """Names a misspelt --config.FIELD and the closest valid fields; else absl's message."""
     from lstm_jax import config as config_lib
-    message = str(e)
-    m = re.search(r"config\.([\w.]+)", message)
-    if m:
-        hint = config_lib.closest_fields(m.group(1))
-        if hint:
-            message += f"\n  did you mean {' or '.join('--config.' + h for h in hint)}?"
-    return message + "\n  (lstm-jax COMMAND --help lists every flag and config field)"
+    known = {name for name, _ in config_lib.flat_items(config_lib.get_config())}
+    for arg in argv[1:]:
+        m = re.match(r"--config\.([\w.]+)", arg)
+        if m and m.group(1) not in known:
+            hint = config_lib.closest_fields(m.group(1))
+            return (f"unknown config field --config.{m.group(1)}"
+                    + (f"; did you mean {' or '.join('--config.' + h for h in hint)}?" if hint else "")
+                    + "\n  (lstm-jax train --help lists every config field)")
+    return f"{e}\n  (lstm-jax COMMAND --help lists every flag)"
 
 
 def _host_setup(config) -> None:

@@ -118,7 +118,7 @@ def make_train_step(graphdef, tx, config) -> Callable:
         step_key = jax.random.fold_in(key, state.step)
         loss, grads = loss_and_grads(state.params, graphdef, batch_BxL1, step_key,
                                      objective=config.objective, accum_steps=config.grad_accum_steps)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return apply_update(state, grads, tx), metrics
     return jax.jit(train_step, donate_argnums=0)
 
@@ -132,7 +132,7 @@ def make_pmap_train_step(graphdef, tx, config, axis_name: str = "batch",
         loss, grads = loss_and_grads(state.params, graphdef, batch_BxL1, step_key,
                                      objective=config.objective, accum_steps=config.grad_accum_steps)
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return apply_update(state, grads, tx), metrics
     return jax.pmap(train_step, axis_name=axis_name, donate_argnums=0, in_axes=(0, 0, None),
                     devices=devices)
@@ -246,14 +246,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if new_run and (workdir / "config.json").exists() and is_main:
         aside = _move_aside(workdir)
         print(f"--new_run: moved the previous run to {aside}")
-    workdir.mkdir(parents=True, exist_ok=True)
-
     saved_config = _read_json(workdir / "config.json")
     saved_vocab = data.Vocab.load(workdir / "vocab.json") if (workdir / "vocab.json").exists() else None
-    corpus = load_corpus(config, saved_vocab)
-    if saved_config is not None and saved_vocab is not None:
-        ckpt.check_compatible(saved_config, _to_jsonable(config), list(saved_vocab.chars),
-                              list(corpus.vocab.chars), str(workdir))
+    if saved_config is not None:
+        # Compare against the vocab this config's corpus would build, so a changed corpus is named.
+        fresh = load_corpus(config)
+        ckpt.check_compatible(saved_config, _to_jsonable(config), list(saved_vocab.chars) if saved_vocab else [],
+                              list(fresh.vocab.chars), str(workdir))
+        corpus = fresh
+    else:
+        corpus = load_corpus(config)
     vocab = corpus.vocab
 
     n_dev = config.parallel.num_devices
@@ -264,6 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     horizon = steps_per_epoch * config.num_epochs
     total_steps = min(horizon, config.max_steps) if config.max_steps else horizon
 
+    workdir.mkdir(parents=True, exist_ok=True)   # only now: bad input above writes nothing
     mcfg = model_config(config, len(vocab))
     tx = make_optimizer(config, horizon)
     graphdef, state = init_state(config, mcfg, tx, mesh)

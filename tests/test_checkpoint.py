@@ -1,0 +1,396 @@
+"""Checkpoints: exact resume, preemption (SIGTERM/SIGINT), SIGKILL mid-save, retention, restoring on
+another device count, and refusing a workdir whose model or vocabulary differs.
+
+Every run shares one tiny base config (hidden 16, 20 steps, a checkpoint every 5 steps, one device);
+a module-scoped uninterrupted 20-step run is the reference that interrupted-and-resumed runs must
+reproduce bit for bit. Subprocess runs go through tests/train_worker.py (`lstm-jax train` plus test
+hooks: a per-step sleep so a signal lands mid-run, a SIGKILL inside an Orbax save).
+"""
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from conftest import REPO, tiny_config, write_corpus
+from lstm_jax import checkpoint as ckpt
+from lstm_jax import cli, sample, train
+from lstm_jax.config import flat_items, get_config
+
+WORKER = REPO / "tests" / "train_worker.py"
+TEXT = "the quick brown fox jumps over the lazy dog. " * 400   # as conftest's repetitive_corpus
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+BASE = {"model.hidden_size": 16, "max_steps": 20, "checkpoint.every_steps": 5,
+        "parallel.cpu_devices": 0, "parallel.tune_allocator": False}
+
+
+def base_config(corpus: str, **overrides):
+    return tiny_config(corpus=corpus, **{**BASE, **overrides})
+
+
+def cli_flags(config) -> list[str]:
+    """`--config.FIELD=VALUE` for every field where `config` differs from the default config."""
+    default = dict(flat_items(get_config()))
+    return [f"--config.{name}={value}" for name, value in flat_items(config) if default[name] != value]
+
+
+def param_arrays(model) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def assert_same_arrays(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def checkpoint_arrays(workdir, step: int) -> dict:
+    """Every array of a saved train state (step, params, optimizer state), by path."""
+    checkpointer = ckpt.Checkpointer(workdir, read_only=True)
+    try:
+        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+    finally:
+        checkpointer.close()
+    leaves = jax.tree_util.tree_leaves_with_path(restored.state)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def steps_on_disk(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                  if p.name.isdigit())
+
+
+def tmp_dirs(workdir) -> list[str]:
+    return sorted(p.name for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                  if TMP_SUFFIX in p.name)
+
+
+def latest_step(workdir):
+    checkpointer = ckpt.Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
+def snapshot(directory) -> dict:
+    """relative path -> content hash of every file under `directory`."""
+    directory = pathlib.Path(directory)
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def start_worker(args: list[str], log_path: pathlib.Path, **env) -> subprocess.Popen:
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), **env}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=log,
+                                stderr=subprocess.STDOUT, env=environ, cwd=REPO)
+
+
+def finish(proc: subprocess.Popen, log_path: pathlib.Path, timeout: float = 120) -> tuple[int, str]:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"worker timed out after {timeout}s:\n{log_path.read_text(errors='replace')}")
+    return rc, log_path.read_text(errors="replace")
+
+
+def wait_for_training_progress(metrics: pathlib.Path, proc, log_path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and any("train_loss" in line for line in metrics.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited ({proc.returncode}) before training progressed:\n"
+                        f"{log_path.read_text(errors='replace')}")
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"no training progress in {metrics} after {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+# --- shared fixtures -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def _sampling_stub():
+    """End-of-run samples need sample.generate; stub it while lstm_jax/sample.py lacks it."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not hasattr(sample, "generate"):
+            mp.setattr(sample, "generate", lambda model, vocab, *, num_samples=1, **kw:
+                       types.SimpleNamespace(texts=[""] * num_samples), raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), TEXT)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    """The uninterrupted 20-step run every resumed run must reproduce exactly."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    result = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    assert result.step == 20 and not result.preempted
+    return types.SimpleNamespace(workdir=workdir, result=result, params=param_arrays(result.model))
+
+
+@pytest.fixture(scope="module")
+def run_on_8_devices(tmp_path_factory, corpus):
+    """A short run on an 8-device mesh (the batch of 16 split 2 rows per device)."""
+    workdir = tmp_path_factory.mktemp("eight") / "run"
+    result = train.train_and_evaluate(base_config(corpus, max_steps=5, **{"parallel.num_devices": 8}),
+                                      workdir, progress=False)
+    assert result.step == 5
+    return types.SimpleNamespace(workdir=workdir, result=result, params=param_arrays(result.model))
+
+
+# --- exact resume ----------------------------------------------------------------------------
+
+def test_n_steps_then_resume_n_more_is_bitwise_identical_to_2n_steps(tmp_path, corpus, reference, capsys):
+    workdir = tmp_path / "run"
+    first = train.train_and_evaluate(base_config(corpus, max_steps=10), workdir, progress=False)
+    assert first.step == 10 and latest_step(workdir) == 10
+    capsys.readouterr()
+
+    second = train.train_and_evaluate(base_config(corpus), workdir, progress=False)  # same command, 2N
+    assert f"from step 10" in capsys.readouterr().out
+    assert second.step == 20
+
+    assert_same_arrays(param_arrays(second.model), reference.params)
+    # the whole saved train state (step counter, params, RMSprop velocities) matches too
+    assert_same_arrays(checkpoint_arrays(workdir, 20), checkpoint_arrays(reference.workdir, 20))
+    # and the second half did train: the resumed params moved away from the step-10 ones
+    first_params = param_arrays(first.model)
+    assert any(not np.array_equal(first_params[k], reference.params[k]) for k in first_params)
+
+
+# --- preemption ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, corpus, reference,
+                                                                      capsys, sig):
+    workdir, log = tmp_path / "run", tmp_path / "worker.log"
+    proc = start_worker(["train", "--workdir", str(workdir), "--progress=False",
+                         *cli_flags(base_config(corpus))], log, LSTM_JAX_TEST_STEP_SLEEP="0.4")
+    wait_for_training_progress(workdir / "metrics.jsonl", proc, log)
+    proc.send_signal(sig)
+    rc, out = finish(proc, log)
+
+    assert rc == 143, out
+    match = re.search(rf"received {sig.name}: saved a checkpoint at step (\d+) in \S+; "
+                      rf"run the same command to resume", out)
+    assert match, out
+    stopped_at = int(match.group(1))
+    assert 0 < stopped_at < 20, out
+    assert latest_step(workdir) == stopped_at
+    assert ckpt.Checkpointer(workdir, read_only=True).metadata()["step"] == stopped_at
+    assert not tmp_dirs(workdir)
+
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    assert f"from step {stopped_at}" in capsys.readouterr().out
+    assert resumed.step == 20 and not resumed.preempted
+    assert_same_arrays(param_arrays(resumed.model), reference.params)
+
+
+# --- crash safety ----------------------------------------------------------------------------
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path, corpus, reference,
+                                                                        capsys):
+    workdir, log = tmp_path / "run", tmp_path / "worker.log"
+    proc = start_worker(["train", "--workdir", str(workdir), "--progress=False",
+                         *cli_flags(base_config(corpus))], log, LSTM_JAX_TEST_KILL_AT_SAVE="10")
+    rc, out = finish(proc, log)
+
+    assert rc == -signal.SIGKILL, out
+    assert "SIGKILL inside the save of step 10" in out
+    # the process died with step 10's data in Orbax's temporary directory, not renamed into place
+    assert tmp_dirs(workdir) == [f"10{TMP_SUFFIX}"], out
+    assert steps_on_disk(workdir) == [5]
+    assert latest_step(workdir) == 5
+    model, vocab, _ = train.restore_model(workdir)          # the previous checkpoint restores
+    assert len(vocab) == len(set(TEXT))
+
+    capsys.readouterr()
+    resumed = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    assert "from step 5" in capsys.readouterr().out
+    assert resumed.step == 20
+    assert_same_arrays(param_arrays(resumed.model), reference.params)
+    assert not tmp_dirs(workdir)        # the half-written step 10 was replaced by a complete one
+    assert latest_step(workdir) == 20
+
+
+# --- retention -------------------------------------------------------------------------------
+
+def _tiny_state(value: float):
+    return {"w": jnp.full((3,), value, jnp.float32), "step": jnp.asarray(int(value), jnp.int32)}
+
+
+def test_retention_keeps_the_last_k_plus_the_best_by_val_loss(tmp_path):
+    checkpointer = ckpt.Checkpointer(tmp_path, max_to_keep=2)
+    val_losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: None, 5: 2.0, 6: None}   # step 2 is the best
+    for step, val in val_losses.items():
+        checkpointer.save(step, _tiny_state(step), {"step": step}, val)
+    checkpointer.close()
+    assert checkpointer.all_steps() == [2, 5, 6]
+    assert steps_on_disk(tmp_path) == [2, 5, 6] and not tmp_dirs(tmp_path)
+    state, meta = ckpt.Checkpointer(tmp_path, read_only=True).restore(_tiny_state(0.0), step=2)
+    assert meta == {"step": 2}
+    np.testing.assert_array_equal(state["w"], np.full(3, 2.0, np.float32))
+
+
+def test_the_best_checkpoint_survives_a_restart(tmp_path):
+    """Retention after a resume must still know which old checkpoint had the best val_loss."""
+    first = ckpt.Checkpointer(tmp_path, max_to_keep=2)
+    for step, val in {1: 1.0, 2: 2.0, 3: 3.0}.items():   # the best, step 1, is the oldest
+        first.save(step, _tiny_state(step), {"step": step}, val)
+    first.close()
+    assert steps_on_disk(tmp_path) == [1, 2, 3]
+
+    second = ckpt.Checkpointer(tmp_path, max_to_keep=2)  # a resumed run
+    assert second.best_step() == 1
+    for step, val in {4: 4.0, 5: 5.0}.items():
+        second.save(step, _tiny_state(step), {"step": step}, val)
+    second.close()
+    assert steps_on_disk(tmp_path) == [1, 4, 5]
+
+
+def test_training_keeps_the_last_k_checkpoints_and_the_best_on_disk(tmp_path):
+    corpus = write_corpus(tmp_path, "the quick brown fox jumps over the lazy dog. " * 40)
+    workdir = tmp_path / "run"
+    config = base_config(corpus, max_steps=0, num_epochs=4,
+                         **{"checkpoint.every_steps": 2, "checkpoint.max_to_keep": 2})
+    result = train.train_and_evaluate(config, workdir, progress=False)
+
+    meta = ckpt.Checkpointer(workdir, read_only=True).metadata()
+    per_epoch = meta["steps_per_epoch"]
+    assert result.step == 4 * per_epoch and per_epoch % 2   # epoch ends fall between the 2-step saves
+    evals = {r["step"]: r["val_loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+             if "val_loss" in r}
+    assert sorted(evals) == [per_epoch * e for e in (1, 2, 3, 4)]
+    saved = sorted(set(range(2, result.step + 1, 2)) | set(evals))
+    expected = sorted(set(saved[-2:]) | {min(evals, key=evals.get)})
+    assert steps_on_disk(workdir) == expected and not tmp_dirs(workdir)
+
+
+# --- sampling needs only the workdir; other device counts ------------------------------------
+
+def test_restore_model_onto_a_different_device_count(tmp_path, run_on_8_devices, reference):
+    # 8 devices -> 1 device, in a fresh process that has only one
+    log = tmp_path / "restore.log"
+    rc, out = finish(start_worker(["restore", str(run_on_8_devices.workdir), str(tmp_path / "p.npz")],
+                                  log, LSTM_JAX_TEST_DEVICES="1"), log)
+    assert rc == 0, out
+    assert "on 1 device(s)" in out
+    with np.load(tmp_path / "p.npz") as restored:
+        assert_same_arrays(dict(restored), run_on_8_devices.params)
+    # 1 device -> 8 devices: restore_model builds its mesh over every device of this process
+    assert jax.device_count() == 8
+    model, vocab, config = train.restore_model(reference.workdir)
+    assert config.model.hidden_size == 16 and len(vocab) == len(set(TEXT))
+    assert_same_arrays(param_arrays(model), reference.params)
+
+
+def test_sample_cli_needs_only_the_workdir_on_one_device(tmp_path, run_on_8_devices):
+    if not hasattr(sample, "write_samples") or not hasattr(sample, "generate"):
+        pytest.skip("lstm_jax/sample.py has no write_samples/generate yet")
+    log, out_path = tmp_path / "sample.log", tmp_path / "samples.jsonl"
+    rc, out = finish(start_worker(["sample", "--workdir", str(run_on_8_devices.workdir),
+                                   "--num_samples=2", "--length=20", "--temperature=0,1",
+                                   "--prime=the ", f"--out={out_path}"],
+                                  log, LSTM_JAX_TEST_DEVICES="1"), log)
+    assert rc == 0, out
+    rows = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2
+    assert all(set(r["text"]) <= set(TEXT) for r in rows)
+
+
+# --- mismatches ------------------------------------------------------------------------------
+
+def test_a_different_hidden_size_is_refused_and_nothing_is_touched(tmp_path, corpus, reference):
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    before = snapshot(workdir)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        train.train_and_evaluate(base_config(corpus, **{"model.hidden_size": 32}), workdir,
+                                 progress=False)
+    message = str(error.value)
+    assert "model.hidden_size: 16 (saved) != 32 (now)" in message
+    assert "--new_run" in message
+    assert snapshot(workdir) == before
+
+
+def test_check_compatible_names_every_differing_field():
+    saved = json.loads(base_config("a.txt").to_json())
+    now = json.loads(base_config("b.txt", **{"model.num_layers": 2}).to_json())
+    with pytest.raises(ckpt.CheckpointError) as error:
+        ckpt.check_compatible(saved, now, list("abc"), list("abcd"), "w")
+    message = str(error.value)
+    for field in ("model.num_layers", "corpus", "vocab: 3 chars (saved) != 4 chars (now)"):
+        assert field in message
+    assert "model.hidden_size" not in message
+    ckpt.check_compatible(saved, saved, list("abc"), list("abc"), "w")   # identical: no error
+
+
+@pytest.mark.parametrize("how", ["edited_corpus", "other_corpus"])
+def test_a_corpus_with_a_different_vocab_is_refused(tmp_path, corpus, reference, how):
+    """The saved run's corpus text gained characters (edited in place, or another file): a
+    CheckpointError naming the vocab (and the corpus when its path differs), not an encoding error."""
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    new_text = TEXT + "NEW CHARS: XYZ!\n"
+    if how == "edited_corpus":
+        # the saved run was trained on this path; its text has changed since
+        new_corpus = write_corpus(tmp_path, new_text, "edited.txt")
+        config_path = workdir / "config.json"
+        saved = json.loads(config_path.read_text())
+        saved["corpus"] = new_corpus
+        config_path.write_text(json.dumps(saved, indent=2))
+    else:
+        new_corpus = write_corpus(tmp_path, new_text, "other.txt")
+    before = snapshot(workdir)
+    with pytest.raises(ckpt.CheckpointError) as error:
+        train.train_and_evaluate(base_config(new_corpus), workdir, progress=False)
+    message = str(error.value)
+    assert "vocab" in message and "--new_run" in message
+    assert ("corpus:" in message) == (how == "other_corpus")
+    assert snapshot(workdir) == before
+
+
+def test_cli_refuses_a_model_override_unless_new_run_and_keeps_the_old_run(tmp_path, corpus, reference):
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    before = snapshot(workdir)
+    bigger = base_config(corpus, max_steps=5, **{"model.hidden_size": 32})
+    argv = ["lstm-jax", "train", "--workdir", str(workdir), "--progress=False", *cli_flags(bigger)]
+
+    with pytest.raises(SystemExit) as refused:
+        cli.main(argv)
+    message = str(refused.value.code)
+    assert "model.hidden_size" in message and "--new_run" in message
+    assert snapshot(workdir) == before
+
+    assert cli.main(argv + ["--new_run"]) == 0
+    aside = workdir.with_name("run.prev1")
+    assert snapshot(aside) == before                        # the old run, moved aside intact
+    assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 32
+    assert latest_step(workdir) == 5
+    old_model, _, old_config = train.restore_model(aside)   # and still usable
+    assert old_config.model.hidden_size == 16
+    assert_same_arrays(param_arrays(old_model), reference.params)

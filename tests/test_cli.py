@@ -1,0 +1,121 @@
+"""End to end through `lstm-jax`: train then sample on a tiny config, and every bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, write_corpus
+from lstm_jax import cli
+
+TINY = ["--config", str(REPO / "configs" / "tiny.py")]
+
+
+def run_cli(*args):
+    return cli.main(["lstm-jax", *args])
+
+
+def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys):
+    workdir = str(tmp_path / "run")
+    assert run_cli("train", *TINY, "--workdir", workdir, f"--config.corpus={repetitive_corpus}",
+                   "--noprogress") == 0
+    out = capsys.readouterr().out
+    assert "temperature 1.2" in out and "done: step 30" in out
+    jsonl = tmp_path / "s.jsonl"
+    assert run_cli("sample", "--workdir", workdir, "--num_samples=6", "--length=25",
+                   "--temperature=0,1.0", "--prime=the quick", f"--out={jsonl}") == 0
+    rows = [json.loads(l) for l in jsonl.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["temperature"] for r in rows] == [0.0, 1.0] * 3
+    assert all(r["prime"] == "the quick" and len(r["text"]) == 25 for r in rows)
+    assert rows[0]["text"] == rows[2]["text"], "greedy rows with the same prime must agree"
+    assert run_cli("sample", "--workdir", workdir, "--num_samples=2", "--length=10") == 0
+    assert len(capsys.readouterr().out.strip()) > 0
+
+
+def expect_exit(match, *args):
+    with pytest.raises(SystemExit) as e:
+        run_cli(*args)
+    message = str(e.value.code)
+    assert match in message, message
+    return message
+
+
+def test_missing_corpus_path(tmp_path):
+    expect_exit("does not exist", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                f"--config.corpus={tmp_path / 'nope.txt'}")
+    assert not (tmp_path / "w").exists(), "a failed start must not create the workdir"
+
+
+def test_empty_corpus(tmp_path):
+    expect_exit("empty", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                f"--config.corpus={write_corpus(tmp_path, '')}")
+
+
+def test_corpus_shorter_than_one_batch(tmp_path):
+    expect_exit("fewer than one batch", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                f"--config.corpus={write_corpus(tmp_path, 'abc def ghi ' * 10)}")
+
+
+def test_undecodable_bytes_say_where(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine text\nmore \xff\xfe here" * 50)
+    msg = expect_exit("encoding_errors", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                      f"--config.corpus={path}")
+    assert "line 2" in msg
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--config.batch_size=0", "batch_size must be a positive integer"),
+    ("--config.model.hidden_size=-4", "model.hidden_size must be a positive integer"),
+    ("--config.seq_len=0", "seq_len must be a positive integer"),
+    ("--config.objective=bigram", "objective must be"),
+])
+def test_bad_sizes_and_choices(tmp_path, override, match):
+    expect_exit(match, "train", *TINY, "--workdir", str(tmp_path / "w"), override)
+
+
+def test_unknown_config_field_names_the_closest(tmp_path):
+    msg = expect_exit("config.model.hidden_size", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                      "--config.model.hiden_size=3")
+    assert "did you mean" in msg.lower()
+
+
+def test_batch_not_divisible_by_devices(tmp_path, repetitive_corpus):
+    expect_exit("does not divide by the 8 devices", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                f"--config.corpus={repetitive_corpus}", "--config.parallel.num_devices=8",
+                "--config.batch_size=12")
+
+
+def test_workdir_with_a_different_model_is_refused_then_new_run_keeps_it(tmp_path, repetitive_corpus):
+    workdir = tmp_path / "run"
+    common = ["train", *TINY, "--workdir", str(workdir), f"--config.corpus={repetitive_corpus}",
+              "--config.max_steps=10", "--noprogress"]
+    assert run_cli(*common) == 0
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    expect_exit("model.hidden_size: 32 (saved) != 48 (now)", *common, "--config.model.hidden_size=48")
+    assert sorted(os.listdir(workdir / "checkpoints")) == before, "refusal must not touch the run"
+    assert run_cli(*common, "--config.model.hidden_size=48", "--new_run") == 0
+    assert (tmp_path / "run.prev1" / "checkpoints").is_dir()
+    assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 48
+
+
+def test_sample_from_a_missing_workdir(tmp_path):
+    expect_exit("not a training workdir", "sample", "--workdir", str(tmp_path / "none"))
+
+
+def test_help_lists_commands_and_config_fields(capsys):
+    assert run_cli("--help") == 0
+    assert "sample" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_cli("train", "--help")
+    out = capsys.readouterr().out
+    assert "--config.model.hidden_size" in out and "--workdir" in out
+
+
+def test_console_script_entry_point_runs():
+    """`python -m lstm_jax.cli --help` works in a fresh interpreter (the installed script's target)."""
+    out = subprocess.run([sys.executable, "-m", "lstm_jax.cli", "--help"], capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and "train" in out.stdout

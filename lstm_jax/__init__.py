@@ -10,7 +10,7 @@ from lstm_jax.config import get_config, load_config_file, validate
 from lstm_jax.corpora import load_text
 from lstm_jax.data import Vocab
 from lstm_jax.model import CharLSTM, ModelConfig
-# from lstm_jax.sample import generate  # TEMP
+from lstm_jax.sample import generate
 from lstm_jax.train import TrainResult, restore_model, train_and_evaluate
 
 __all__ = ["CharLSTM", "ModelConfig", "TrainResult", "Vocab", "generate", "get_config",

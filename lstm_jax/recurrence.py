@@ -125,11 +125,13 @@ def _backward(kernel_rec_Hx4H, carry0, hs_TxBxH, cs_TxBxH, ts_TxBx4H, d_carry, d
         (d_hs_TxBxH.astype(jnp.float32), cs_TxBxH, c_prev_TxBxH, ts_TxBx4H),
         reverse=True, unroll=unroll)
 
-    # Weight gradient: one GEMM over all timesteps, (H, T*B) x (T*B, 4H).
+    # Weight gradient: one GEMM over all timesteps, (H, T*B) x (T*B, 4H). Written as a contraction
+    # over (t, b) rather than a reshape to (T*B, .): with the batch sharded over devices the
+    # reshape would make GSPMD all-gather both operands and run the whole GEMM on every device;
+    # the contraction runs locally and all-reduces the (H, 4H) result.
     h_prev_TxBxH = jnp.concatenate([h0[None].astype(hs_TxBxH.dtype), hs_TxBxH[:-1]], axis=0)
-    dkernel = jnp.dot(h_prev_TxBxH.reshape(-1, hidden).astype(dtype).T,
-                      dgates_TxBx4H.reshape(-1, 4 * hidden).astype(dtype),
-                      preferred_element_type=jnp.float32)
+    dkernel = jnp.einsum("tbh,tbg->hg", h_prev_TxBxH.astype(dtype), dgates_TxBx4H.astype(dtype),
+                         preferred_element_type=jnp.float32)
     return dgates_TxBx4H, dkernel, (dh0, dc0)
 
 

@@ -2,21 +2,22 @@
 
 One jitted `lax.scan` carries the LSTM state over `prime + length` steps for a whole batch of rows.
 At step t a row feeds its prime character while t < len(prime), else the character it drew at t-1;
-its output is the draws from the last prime character on. Per-row temperature (0 = greedy), top-k
-and top-p are traced arrays, so changing them, the seed or the prime text never recompiles.
+its text is what it draws from its last prime character on (the prime itself is not repeated).
+Per-row temperature (0 = greedy), top-k and top-p are traced arrays: changing them, the seed or the
+prime text never recompiles. An empty prime starts from '\\n' (else ' ', else vocabulary index 0).
 
-Buckets (the only things that compile a new program):
-  * steps: `len(longest prime) - 1 + length` rounded up to a multiple of STEP_BUCKET (64);
-    asking for 400 and then 401 characters runs the same 448-step program.
-  * rows per chunk: the next power of two >= num_samples (at least MIN_ROWS_PER_DEVICE per device),
-    capped at `chunk_size`; larger requests run in chunks of exactly `chunk_size` rows.
+Buckets (only a new bucket compiles a new program):
+  * steps: `len(longest prime) - 1 + length` rounded up to a multiple of STEP_BUCKET (64), so
+    400 and 401 characters both run the 448-step program;
+  * rows per call: 1 for a single sample; otherwise the next power of two >= num_samples, at least
+    MIN_ROWS (64) per device, at most `chunk_size` (rounded up to a multiple of the device count).
+    Larger requests run in chunks of exactly that many rows; rows are split over the 'data' mesh axis.
 
-Reproducibility: row i draws from fold_in(fold_in(key(seed), i), t), so its text depends only on
-(seed, i, its prime, temperature, top-k, top-p), not on the batch, the chunking or the devices.
-Bit-exactness across batch sizes needs the float math to be batch-size-independent too: XLA:CPU
-picks a different matmul kernel below ~64 rows (its rounding differs in the last bit), hence the
-MIN_ROWS_PER_DEVICE floor; a lone sample (num_samples=1) runs unpadded for speed and may in rare
-draws differ from the same row generated inside a batch.
+Reproducibility: row i's uniform at step t is drawn from fold_in(fold_in(key(seed), i), t), so its
+text depends only on (seed, i, its prime, temperature, top-k, top-p), not on the chunking or the
+devices. Bit-exact equality across batch sizes also needs batch-size-independent float math: XLA:CPU
+uses another matmul kernel below ~64 rows (the last bit differs), hence the MIN_ROWS floor. A lone
+sample runs unpadded for speed and may, in rare draws, differ from the same row drawn in a batch.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import functools
 import json
 import math
 import sys
-from typing import IO, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,43 +36,63 @@ from flax import nnx
 from lstm_jax import parallel
 
 STEP_BUCKET = 64
-MIN_ROWS_PER_DEVICE = 64
-TRACE_COUNT = 0  # times `_generate` was traced; tests assert it compiles once per bucket
+MIN_ROWS = 64
+TRACE_COUNT = 0  # times `_generate` was traced; the compile-once test reads it
 
-Primes = Union[None, str, Sequence[str]]
+Prime = Union[None, str, Sequence[str]]
 
 
 def _draw(logits_BxV, u_B, temperature_B, top_k_B, top_p_B, filtered):
-    """Temperature/top-k/top-p categorical draw by inverse CDF (one uniform per row)."""
+    """Greedy (T == 0) or temperature/top-k/top-p draw by inverse CDF, one uniform u in (0, 1] per row.
+
+    Written over the V rows of the (V, B) transpose, unrolled: XLA:CPU then fuses the whole draw into
+    one loop vectorised over the batch (its reductions over a short minor axis are ~10x slower). The
+    CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn.
+    """
     greedy_B = temperature_B == 0
-    scaled_BxV = logits_BxV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
-    probs_BxV = jnp.exp(scaled_BxV - scaled_BxV.max(-1, keepdims=True))  # unnormalised
+    t_B = jnp.where(greedy_B, 1.0, temperature_B)
+    rows = [row / t_B for row in logits_BxV.T]
+    best_B, argmax_B = rows[0], jnp.zeros(u_B.shape, jnp.int32)
+    for j, row in enumerate(rows[1:], 1):
+        better_B = row > best_B
+        best_B, argmax_B = jnp.where(better_B, row, best_B), jnp.where(better_B, j, argmax_B)
+    probs_VxB = jnp.stack([jnp.exp(row - best_B) for row in rows])  # unnormalised
+    keep_VxB = jax.lax.cond(filtered, _top_k_top_p, lambda p, k, q: jnp.ones(p.shape, bool),
+                            probs_VxB, top_k_B, top_p_B)
+    total_B, cdf = jnp.zeros_like(u_B), []
+    for p_B in jnp.where(keep_VxB, probs_VxB, 0.0):
+        total_B = total_B + p_B
+        cdf.append(total_B)
+    x_B = u_B * total_B
+    drawn_B = sum((c_B < x_B).astype(jnp.int32) for c_B in cdf)
+    return jnp.where(greedy_B, argmax_B, jnp.minimum(drawn_B, len(rows) - 1))
 
-    def threshold(probs_BxV):  # smallest probability each row keeps; 0 keeps all
-        desc_BxV = -jnp.sort(-probs_BxV, axis=-1)
-        cum_BxV = jnp.cumsum(desc_BxV, axis=-1)
-        n_p = jnp.sum(cum_BxV - desc_BxV < top_p_B[:, None] * cum_BxV[:, -1:], -1)
-        n = jnp.minimum(n_p, jnp.where(top_k_B > 0, top_k_B, probs_BxV.shape[-1]))
-        thr_B = jnp.take_along_axis(desc_BxV, n[:, None] - 1, -1)[:, 0]
-        return jnp.where((top_k_B > 0) | (top_p_B < 1), thr_B, 0.0)
 
-    thr_B = jax.lax.cond(filtered, threshold, lambda p: jnp.zeros(p.shape[:1], p.dtype), probs_BxV)
-    probs_BxV = jnp.where(probs_BxV >= thr_B[:, None], probs_BxV, 0.0)
-    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-    drawn_B = jnp.sum(cdf_BxV < (u_B * cdf_BxV[:, -1])[:, None], -1)
-    drawn_B = jnp.minimum(drawn_B, logits_BxV.shape[-1] - 1)
-    return jnp.where(greedy_B, jnp.argmax(logits_BxV, -1), drawn_B).astype(jnp.int32)
+def _top_k_top_p(probs_VxB, top_k_B, top_p_B):
+    """Keep mask: the k most likely chars (k <= 0: all) within the smallest set holding top_p of the mass.
+
+    O(V^2) comparisons instead of a sort (a sort per row is ~100x slower on CPU); ties are kept together.
+    """
+    rank_VxB = jnp.zeros(probs_VxB.shape, jnp.int32)  # how many chars are strictly more likely
+    above_VxB = jnp.zeros_like(probs_VxB)             # and their total mass
+    total_B = jnp.zeros_like(probs_VxB[0])
+    for p_B in probs_VxB:
+        more_VxB = p_B > probs_VxB
+        rank_VxB, above_VxB = rank_VxB + more_VxB, above_VxB + jnp.where(more_VxB, p_B, 0.0)
+        total_B = total_B + p_B
+    return (((top_k_B <= 0) | (rank_VxB < top_k_B))
+            & ((top_p_B >= 1) | (above_VxB < top_p_B * total_B)))
 
 
 def _window_logits(model, window_BxW, valid_B):
-    """Logits after re-running the LSTM from a zero state over the last `valid_B` window chars."""
+    """Logits after running the LSTM from a zero state over the last `valid_B` chars of the window."""
     width = window_BxW.shape[1]
 
     def body(carry, xs):
         j, tok_B = xs
-        logits, new = model.step(tok_B, carry)
-        keep = (j >= width - valid_B)[:, None]
-        return jax.tree.map(lambda n, c: jnp.where(keep, n, c), new, carry), logits
+        logits_BxV, new = model.step(tok_B, carry)
+        use = (j >= width - valid_B)[:, None]
+        return jax.tree.map(lambda n, c: jnp.where(use, n, c), new, carry), logits_BxV
 
     _, logits_WxBxV = jax.lax.scan(body, model.initial_carry(window_BxW.shape[0]),
                                    (jnp.arange(width), window_BxW.T))
@@ -81,18 +102,22 @@ def _window_logits(model, window_BxW, valid_B):
 @functools.partial(jax.jit, static_argnames=("graphdef", "window"))
 def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, top_p_B,
               row_index_B, seed, *, window: int = 0):
-    """Draws (T, B) int32: step t's draw for every row. T = prime_BxT.shape[1] steps."""
+    """Draws (T, B) int32 for every row at every step t < T = prime_BxT.shape[1].
+
+    window=0: O(1) per step, the LSTM state is carried. window=W: the state is recomputed from zero
+    over the last W input chars at every step (the seed's window semantics).
+    """
     global TRACE_COUNT
     TRACE_COUNT += 1
     model = nnx.merge(graphdef, params)
     batch, num_steps = prime_BxT.shape
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_index_B)
     filtered = jnp.any((top_k_B > 0) | (top_p_B < 1))
+    first_draw = prime_len_B.min() - 1  # no row keeps a draw from before this step
     if window:
         state = (jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch,), jnp.int32))
     else:
         state = model.initial_carry(batch)
-    first_draw = prime_len_B.min() - 1  # no row needs logits before this step
 
     def body(carry, xs):
         state, prev_B = carry
@@ -101,14 +126,209 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, 
         if window:
             buf, valid = state
             state = (jnp.concatenate([buf[:, 1:], tok_B[:, None]], 1), jnp.minimum(valid + 1, window))
-            logits = jax.lax.cond(t >= first_draw, lambda s: _window_logits(model, *s),
-                                  lambda s: jnp.zeros((batch, model.config.vocab_size)), state)
+            logits_BxV = jax.lax.cond(
+                t >= first_draw, lambda s: _window_logits(model, *s).astype(jnp.float32),
+                lambda s: jnp.zeros((batch, model.config.vocab_size), jnp.float32), state)
         else:
-            logits, state = model.step(tok_B, state)
+            logits_BxV, state = model.step(tok_B, state)
         u_B = 1.0 - jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys)
-        drawn_B = _draw(logits.astype(jnp.float32), u_B, temperature_B, top_k_B, top_p_B, filtered)
+        drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k_B, top_p_B, filtered)
         return (state, drawn_B), drawn_B
 
     init = (state, jnp.zeros((batch,), jnp.int32))
     _, drawn_TxB = jax.lax.scan(body, init, (jnp.arange(num_steps), prime_BxT.T))
     return drawn_TxB
+
+
+@dataclasses.dataclass
+class Samples:
+    """Generated rows: global row indices, texts (without their primes) and their tokens."""
+    index: np.ndarray        # (N,) int64
+    texts: list[str]
+    tokens: np.ndarray       # (N, length) int32
+    temperature: np.ndarray  # (N,) float32
+    prime: list[str]
+
+
+class Sampler:
+    """Holds a model split once (params replicated over the mesh) and the vocabulary's char table.
+
+    `vocab` is anything with `.chars`, the characters in index order (e.g. `data.Vocab`).
+    """
+
+    def __init__(self, model: nnx.Module, vocab, *, mesh: Optional[jax.sharding.Mesh] = None):
+        self.chars = list(vocab.chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        if len(self.chars) != model.config.vocab_size:
+            raise ValueError(f"the vocabulary has {len(self.chars)} chars but the model "
+                             f"{model.config.vocab_size}; load the vocab.json of the model's run")
+        # Process-local devices: in a multi-process run every process samples its own copy.
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
+        self.graphdef, params = nnx.split(model)
+        self.params = jax.device_put(params, parallel.replicated(self.mesh))
+        self.start = self.index.get("\n", self.index.get(" ", 0))
+        self._codepoints = (np.array([ord(c) for c in self.chars], np.uint32)
+                            if all(len(c) == 1 and c != "\0" for c in self.chars) else None)
+
+    def encode(self, prime: str, unknown: str = "error") -> np.ndarray:
+        """Prime text -> int32 ids; chars outside the vocabulary raise (or are dropped: unknown='drop')."""
+        missing = sorted(set(prime) - self.index.keys())
+        if missing and unknown != "drop":
+            raise ValueError(f"prime {_short(prime)} has characters outside the vocabulary: "
+                             f"{missing}; remove them or drop them (unknown='drop', --drop_unknown)")
+        return np.array([self.index[c] for c in prime if c in self.index], np.int32)
+
+    def decode(self, tokens_NxL: np.ndarray) -> list[str]:
+        if self._codepoints is None:
+            return ["".join(self.chars[i] for i in row) for row in tokens_NxL]
+        length = tokens_NxL.shape[1]
+        if length == 0:
+            return [""] * len(tokens_NxL)
+        codes = np.ascontiguousarray(self._codepoints[tokens_NxL])  # one UTF-32 string per row
+        return codes.view(f"<U{length}")[:, 0].tolist()
+
+    def iter_chunks(self, num_samples: int = 1, length: int = 400, *,
+                    temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, prime: Prime = None, seed: int = 0,
+                    chunk_size: int = 4096, unknown: str = "error", context: str = "state",
+                    window: int = 60) -> Iterator[Samples]:
+        """Yields the rows chunk by chunk (see `generate` for the arguments)."""
+        temps = _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size,
+                            unknown, context, window)
+        primes = [prime] if prime is None or isinstance(prime, str) else list(prime)
+        if not primes:
+            raise ValueError("prime is an empty list; pass None, one string, or one per row")
+        prime_ids = [self.encode(p or "", unknown) for p in primes]
+        prime_ids = [ids if len(ids) else np.array([self.start], np.int32) for ids in prime_ids]
+        steps = _round_up(max(len(ids) for ids in prime_ids) - 1 + length, STEP_BUCKET)
+        rows = rows_per_call(num_samples, chunk_size, self.mesh.devices.size)
+        padded = np.zeros((len(prime_ids), steps), np.int32)
+        for j, ids in enumerate(prime_ids):
+            padded[j, :len(ids)] = ids
+        lengths = np.array([len(ids) for ids in prime_ids], np.int32)
+        pending = None
+        for start in range(0, num_samples, rows):
+            index = np.arange(start, start + rows)
+            which = index % len(primes)
+            row_args = (padded[which], lengths[which], np.array(temps, np.float32)[index % len(temps)],
+                        np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32),
+                        index.astype(np.int32))
+            sharded = jax.device_put(row_args, parallel.data_sharded(self.mesh))
+            drawn = _generate(self.graphdef, self.params, *sharded, np.uint32(seed),
+                              window=window if context == "window" else 0)
+            if pending is not None:  # fetch the previous chunk while this one runs
+                yield self._collect(*pending)
+            pending = (drawn, row_args, min(rows, num_samples - start), length, primes)
+        if pending is not None:
+            yield self._collect(*pending)
+
+    def _collect(self, drawn_TxB, row_args, n, length, primes) -> Samples:
+        drawn_BxT = np.asarray(drawn_TxB).T[:n]
+        prime_len_B, temperature_B, index_B = row_args[1][:n], row_args[2][:n], row_args[5][:n]
+        tokens = np.take_along_axis(drawn_BxT, prime_len_B[:, None] - 1 + np.arange(length), 1)
+        return Samples(index_B.astype(np.int64), self.decode(tokens), tokens, temperature_B,
+                       [primes[i % len(primes)] or "" for i in index_B])
+
+    def generate(self, num_samples: int = 1, length: int = 400, **kwargs) -> Samples:
+        chunks = list(self.iter_chunks(num_samples, length, **kwargs))
+        return Samples(np.concatenate([c.index for c in chunks]),
+                       [t for c in chunks for t in c.texts],
+                       np.concatenate([c.tokens for c in chunks]),
+                       np.concatenate([c.temperature for c in chunks]),
+                       [p for c in chunks for p in c.prime])
+
+
+def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 400,
+             temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 1.0,
+             prime: Prime = None, seed: int = 0, chunk_size: int = 4096, unknown: str = "error",
+             context: str = "state", window: int = 60,
+             mesh: Optional[jax.sharding.Mesh] = None) -> Samples:
+    """Generates `num_samples` continuations of `length` characters each.
+
+    temperature: one value or a list cycled over the rows (row i gets temperature[i % len]); 0 = greedy.
+    top_k: keep the k most likely chars (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
+    prime: None/"" (start from '\\n'), one string for every row, or a list cycled over the rows.
+    unknown: 'error' (list prime chars outside the vocabulary) or 'drop' them.
+    context: 'state' (carry the LSTM state) or 'window' (re-run the last `window` chars for every
+    new one, the seed's semantics for a model trained with the window objective).
+    chunk_size: most rows per compiled call; bounds memory.
+    """
+    return Sampler(model, vocab, mesh=mesh).generate(
+        num_samples, length, temperature=temperature, top_k=top_k, top_p=top_p, prime=prime,
+        seed=seed, chunk_size=chunk_size, unknown=unknown, context=context, window=window)
+
+
+def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_samples: int = 1,
+                  progress: bool = True, **kwargs) -> int:
+    """Streams samples to `out` as JSONL ({index, temperature, prime, text}) chunk by chunk, or as
+    plain text to stdout when `out` is None; a tqdm bar counts rows when there is more than one chunk.
+    Takes `generate`'s keyword arguments; returns the number of rows written.
+    """
+    from tqdm import tqdm
+    sampler = Sampler(model, vocab, mesh=kwargs.pop("mesh", None))
+    chunks = sampler.iter_chunks(num_samples, **kwargs)
+    rows = rows_per_call(num_samples, kwargs.get("chunk_size", 4096), sampler.mesh.devices.size)
+    f = open(out, "w", encoding="utf-8") if out else sys.stdout
+    written = 0
+    try:
+        with tqdm(total=num_samples, unit="sample", file=sys.stderr,
+                  disable=not progress or rows >= num_samples) as bar:
+            for chunk in chunks:
+                for i, t, p, text in zip(chunk.index, chunk.temperature, chunk.prime, chunk.texts):
+                    if out:
+                        f.write(json.dumps({"index": int(i), "temperature": float(t), "prime": p,
+                                            "text": text}, ensure_ascii=False) + "\n")
+                    else:
+                        head = f"----- sample {i}, temperature {float(t):g}\n" if num_samples > 1 else ""
+                        f.write(f"{head}{p}{text}\n")
+                written += len(chunk.texts)
+                f.flush()
+                bar.update(len(chunk.texts))
+    finally:
+        if out:
+            f.close()
+    return written
+
+
+def _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size, unknown,
+                context, window) -> list[float]:
+    """Every bad argument raises ValueError naming the value and the fix; returns the temperatures."""
+    for name, value, low in (("num_samples", num_samples, 1), ("length", length, 1),
+                             ("chunk_size", chunk_size, 1), ("top_k", top_k, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    temps = [temperature] if np.ndim(temperature) == 0 else list(temperature)
+    if not temps:
+        raise ValueError("temperature is an empty list; give at least one value, e.g. 1.0")
+    for t in temps:
+        if not isinstance(t, (int, float, np.number)) or isinstance(t, bool) or math.isnan(t):
+            raise ValueError(f"temperature {t!r} is not a number; use 0 for greedy or a positive value")
+        if math.isinf(t) or t < 0:
+            raise ValueError(f"temperature {t!r} is {'infinite' if math.isinf(t) else 'negative'}; "
+                             f"use 0 for greedy or a positive finite value")
+    if not (isinstance(top_p, (int, float, np.number)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if unknown not in ("error", "drop"):
+        raise ValueError(f"unknown must be 'error' or 'drop', got {unknown!r}")
+    if context not in ("state", "window"):
+        raise ValueError(f"context must be 'state' or 'window', got {context!r}")
+    if context == "window" and not (isinstance(window, (int, np.integer)) and window >= 1):
+        raise ValueError(f"window must be a positive integer with context='window', got {window!r}")
+    return [float(t) for t in temps]
+
+
+def rows_per_call(num_samples: int, chunk_size: int, devices: int = 1) -> int:
+    """The batch bucket: 1 for one sample, else the next power of two >= num_samples, at least
+    MIN_ROWS, at most chunk_size, rounded up to a multiple of the device count."""
+    rows = 1 if num_samples == 1 else max(MIN_ROWS, 1 << (num_samples - 1).bit_length())
+    return _round_up(min(rows, chunk_size), devices)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -88,6 +88,14 @@ def latest_step(workdir):
         checkpointer.close()
 
 
+def read_metadata(workdir, step=None) -> dict:
+    checkpointer = ckpt.Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.metadata(step)
+    finally:
+        checkpointer.close()
+
+
 def snapshot(directory) -> dict:
     """relative path -> content hash of every file under `directory`."""
     directory = pathlib.Path(directory)
@@ -172,7 +180,7 @@ def test_n_steps_then_resume_n_more_is_bitwise_identical_to_2n_steps(tmp_path, c
     capsys.readouterr()
 
     second = train.train_and_evaluate(base_config(corpus), workdir, progress=False)  # same command, 2N
-    assert f"from step 10" in capsys.readouterr().out
+    assert "from step 10" in capsys.readouterr().out
     assert second.step == 20
 
     assert_same_arrays(param_arrays(second.model), reference.params)
@@ -183,6 +191,38 @@ def test_n_steps_then_resume_n_more_is_bitwise_identical_to_2n_steps(tmp_path, c
     assert any(not np.array_equal(first_params[k], reference.params[k]) for k in first_params)
 
 
+def test_exact_resume_with_pmap_on_two_devices(tmp_path, corpus):
+    """The pmap path restores a host state and replicates it; saving takes device 0's copy. Resumes
+    from the uninterrupted run's own mid-run checkpoint (a copy of its workdir cut back to step 4)."""
+    config = base_config(corpus, max_steps=8, **{
+        "parallel.mode": "pmap", "parallel.num_devices": 2, "checkpoint.every_steps": 4})
+    whole = train.train_and_evaluate(config, tmp_path / "whole", progress=False)
+    assert steps_on_disk(tmp_path / "whole") == [4, 8]
+    split = shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    shutil.rmtree(split / "checkpoints" / "8")
+    resumed = train.train_and_evaluate(config, split, progress=False)
+    assert whole.step == resumed.step == 8
+    assert_same_arrays(param_arrays(resumed.model), param_arrays(whole.model))
+    assert_same_arrays(checkpoint_arrays(split, 8), checkpoint_arrays(tmp_path / "whole", 8))
+
+
+def test_checkpoint_metadata_describes_the_run(reference, run_on_8_devices):
+    import lstm_jax
+    from lstm_jax import corpora
+    meta = read_metadata(reference.workdir)
+    assert meta["config"] == json.loads((reference.workdir / "config.json").read_text())
+    assert meta["config"]["model"]["hidden_size"] == 16
+    assert meta["vocab"] == json.loads((reference.workdir / "vocab.json").read_text())["chars"]
+    assert meta["vocab"] == sorted(set(TEXT))
+    assert meta["corpus_fingerprint"] == corpora.corpus_fingerprint(TEXT)
+    assert meta["step"] == 20 and meta["epoch"] * meta["steps_per_epoch"] + meta["batch_in_epoch"] == 20
+    assert meta["jax_version"] == jax.__version__
+    assert meta["lstm_jax_version"] == lstm_jax.__version__
+    # the device count the run trained on (its mesh), not how many devices the process had
+    assert meta["num_devices"] == 1
+    assert read_metadata(run_on_8_devices.workdir)["num_devices"] == 8
+
+
 # --- preemption ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -190,7 +230,7 @@ def test_signal_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, 
                                                                       capsys, sig):
     workdir, log = tmp_path / "run", tmp_path / "worker.log"
     proc = start_worker(["train", "--workdir", str(workdir), "--progress=False",
-                         *cli_flags(base_config(corpus))], log, LSTM_JAX_TEST_STEP_SLEEP="0.4")
+                         *cli_flags(base_config(corpus))], log, LSTM_JAX_TEST_STEP_SLEEP="0.25")
     wait_for_training_progress(workdir / "metrics.jsonl", proc, log)
     proc.send_signal(sig)
     rc, out = finish(proc, log)
@@ -202,7 +242,7 @@ def test_signal_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, 
     stopped_at = int(match.group(1))
     assert 0 < stopped_at < 20, out
     assert latest_step(workdir) == stopped_at
-    assert ckpt.Checkpointer(workdir, read_only=True).metadata()["step"] == stopped_at
+    assert read_metadata(workdir)["step"] == stopped_at
     assert not tmp_dirs(workdir)
 
     capsys.readouterr()
@@ -281,8 +321,7 @@ def test_training_keeps_the_last_k_checkpoints_and_the_best_on_disk(tmp_path):
                          **{"checkpoint.every_steps": 2, "checkpoint.max_to_keep": 2})
     result = train.train_and_evaluate(config, workdir, progress=False)
 
-    meta = ckpt.Checkpointer(workdir, read_only=True).metadata()
-    per_epoch = meta["steps_per_epoch"]
+    per_epoch = read_metadata(workdir)["steps_per_epoch"]
     assert result.step == 4 * per_epoch and per_epoch % 2   # epoch ends fall between the 2-step saves
     evals = {r["step"]: r["val_loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
              if "val_loss" in r}

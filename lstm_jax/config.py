@@ -27,9 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.encoding_errors = "strict"   # how undecodable bytes are handled: strict | replace | ignore
     c.val_fraction = 0.05          # held-out tail of the corpus used for validation
     c.objective = "sequence"       # window (seed: loss on the char after each window) | sequence
-    c.seq_len = 100                # window length (seed: 60) or chunk length T for `sequence`
+    c.seq_len = 64                 # window length (seed: 60) or chunk length T for `sequence`
     c.window_step = 3              # window objective: a window starts every `window_step` chars
-    c.batch_size = 128             # global batch (all devices, all processes)
+    c.batch_size = 32              # global batch (all devices, all processes)
     c.per_device_batch_size = 0    # if > 0, overrides batch_size = this x device count
     c.grad_accum_steps = 1         # micro-batches per update, for global batches that do not fit
     # --- model ----------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"    # constant | cosine (decays to lr * final_lr_fraction)
     c.optimizer.warmup_steps = 0       # linear warm-up steps
     c.optimizer.final_lr_fraction = 0.1
-    c.num_epochs = 3                   # passes over the training split
+    c.num_epochs = 10                  # passes over the training split
     c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
     c.seed = 0                         # params, shuffling, dropout and samples all derive from it
     # --- logging, evaluation, samples -----------------------------------------------------------
@@ -58,11 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 0                   # steps between evaluations; 0 = at the end of each epoch
     c.eval_window = 60                 # held-out windows of this length give val_last_loss
     c.eval_stride = 3                  # ... one starting every eval_stride chars (seed: 3)
-    c.eval_max_windows = 8192          # cap on held-out windows per evaluation (evenly spaced)
+    c.eval_max_windows = 2048          # cap on held-out windows per evaluation (evenly spaced)
     c.sample = ml_collections.ConfigDict()
     c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the seed's four
     c.sample.length = 400              # chars per sample
-    c.sample.every_epochs = 1          # sample after every N epochs (and at the end); 0 = only at end
+    c.sample.every_epochs = 5          # sample after every N epochs (and at the end); 0 = only at end
     c.sample.prime = ""                # empty: a random held-out window, as the seed does
     # --- checkpoints ----------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

@@ -74,7 +74,9 @@ def _split4(a_Bx4H: jax.Array):
 def _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
     """Forward recurrence that also returns what the backward pass needs.
 
-    Returns ((h_T, c_T), hs_TxBxH, cs_TxBxH, ts_TxBx4H) where ts = tanh(scale * gates): the gate
+    Returns ((h_T, c_T), hs, saved) with hs (T, B, H) the layer output and saved =
+    (h_prev, c_prev, tanh(c), t) per step: the inputs h_{t-1}, c_{t-1} (so the backward pass needs
+    no shifted copies), tanh(c_t), and t = tanh(scale * gates) (T, B, 4H), from which the gate
     activations are i = (t_i + 1) / 2 (same for f, o) and g = t_g.
     """
     hidden = kernel_rec_Hx4H.shape[0]
@@ -84,34 +86,35 @@ def _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
     xs = xproj_TxBx4H.astype(jnp.float32) * scale
 
     def step(carry, xs_Bx4H):
-        h, c = carry
-        t = jnp.tanh(xs_Bx4H + jnp.dot(h.astype(dtype), kernel, preferred_element_type=jnp.float32))
+        h_prev, c_prev = carry
+        t = jnp.tanh(xs_Bx4H + jnp.dot(h_prev.astype(dtype), kernel,
+                                       preferred_element_type=jnp.float32))
         ti, tf, g, to = _split4(t)
-        c = (0.5 * tf + 0.5) * c + (0.5 * ti + 0.5) * g
-        h = (0.5 * to + 0.5) * jnp.tanh(c)
-        return (h, c), (h, c, t)
+        c = (0.5 * tf + 0.5) * c_prev + (0.5 * ti + 0.5) * g
+        tc = jnp.tanh(c)
+        h = (0.5 * to + 0.5) * tc
+        return (h, c), (h, (h_prev, c_prev, tc, t))
 
-    (h, c), (hs, cs, ts) = jax.lax.scan(step, carry, xs, unroll=unroll)
-    return (h, c), hs, cs, ts
+    h0, c0 = carry
+    carry = (h0.astype(jnp.float32), c0.astype(jnp.float32))
+    (h, c), (hs, saved) = jax.lax.scan(step, carry, xs, unroll=unroll)
+    return (h, c), hs, saved
 
 
-def _backward(kernel_rec_Hx4H, carry0, hs_TxBxH, cs_TxBxH, ts_TxBx4H, d_carry, d_hs_TxBxH,
-              dtype, unroll):
+def _backward(kernel_rec_Hx4H, saved, d_carry, d_hs_TxBxH, dtype, unroll):
     """Reverse-time loop over the saved activations; returns (dxproj, dkernel_rec, dcarry0)."""
-    h0, c0 = carry0
+    h_prev_TxBxH, c_prev_TxBxH, tc_TxBxH, t_TxBx4H = saved
     hidden = kernel_rec_Hx4H.shape[0]
     # d gate / d pre-activation = q * (1 - t^2): q = 1/4 for sigmoid gates, 1 for g.
     q = _gate_scale(hidden) ** 2
     kernel_t = kernel_rec_Hx4H.astype(dtype).T  # (4H, H), transposed once outside the loop
-    c_prev_TxBxH = jnp.concatenate([c0[None].astype(jnp.float32), cs_TxBxH[:-1]], axis=0)
 
     def step(carry, inputs):
         dh_next, dc_next = carry
-        dh_out, c, c_prev, t = inputs
+        dh_out, c_prev, tc, t = inputs
         ti, tf, g, to = _split4(t)
         i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
         dh = dh_out + dh_next
-        tc = jnp.tanh(c)
         dc = dc_next + dh * o * (1.0 - tc * tc)
         # d loss / d activation for (i, f, g, o), then through the nonlinearity in one pass.
         d_act = jnp.concatenate([dc * g, dc * c_prev, dc * i, dh * tc], axis=-1)
@@ -122,14 +125,13 @@ def _backward(kernel_rec_Hx4H, carry0, hs_TxBxH, cs_TxBxH, ts_TxBx4H, d_carry, d
     dh_T, dc_T = d_carry
     (dh0, dc0), dgates_TxBx4H = jax.lax.scan(
         step, (dh_T.astype(jnp.float32), dc_T.astype(jnp.float32)),
-        (d_hs_TxBxH.astype(jnp.float32), cs_TxBxH, c_prev_TxBxH, ts_TxBx4H),
+        (d_hs_TxBxH.astype(jnp.float32), c_prev_TxBxH, tc_TxBxH, t_TxBx4H),
         reverse=True, unroll=unroll)
 
     # Weight gradient: one GEMM over all timesteps, (H, T*B) x (T*B, 4H). Written as a contraction
     # over (t, b) rather than a reshape to (T*B, .): with the batch sharded over devices the
     # reshape would make GSPMD all-gather both operands and run the whole GEMM on every device;
     # the contraction runs locally and all-reduces the (H, 4H) result.
-    h_prev_TxBxH = jnp.concatenate([h0[None].astype(hs_TxBxH.dtype), hs_TxBxH[:-1]], axis=0)
     dkernel = jnp.einsum("tbh,tbg->hg", h_prev_TxBxH.astype(dtype), dgates_TxBx4H.astype(dtype),
                          preferred_element_type=jnp.float32)
     return dgates_TxBx4H, dkernel, (dh0, dc0)
@@ -137,25 +139,23 @@ def _backward(kernel_rec_Hx4H, carry0, hs_TxBxH, cs_TxBxH, ts_TxBx4H, d_carry, d
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _lstm_scan_cvjp(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
-    (h, c), hs, _, _ = _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll)
+    (h, c), hs, _ = _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll)
     return (h, c), hs
 
 
 def _cvjp_fwd(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
-    (h, c), hs, cs, ts = _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll)
-    # An empty array stands for xproj's dtype (residuals must be arrays).
-    residuals = (kernel_rec_Hx4H, carry, hs, cs, ts, jnp.zeros((0,), xproj_TxBx4H.dtype))
-    return ((h, c), hs), residuals
+    (h, c), hs, saved = _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll)
+    # Empty arrays stand for the primal dtypes (residuals must be arrays).
+    likes = tuple(jnp.zeros((0,), a.dtype) for a in (xproj_TxBx4H, carry[0], carry[1]))
+    return ((h, c), hs), (kernel_rec_Hx4H, saved, likes)
 
 
 def _cvjp_bwd(dtype, unroll, residuals, cotangents):
-    kernel_rec_Hx4H, carry, hs, cs, ts, xproj_like = residuals
+    kernel_rec_Hx4H, saved, (x_like, h_like, c_like) = residuals
     d_carry, d_hs = cotangents
-    dxproj, dkernel, (dh0, dc0) = _backward(kernel_rec_Hx4H, carry, hs, cs, ts, d_carry, d_hs,
-                                            dtype, unroll)
-    h0, c0 = carry
-    return (dxproj.astype(xproj_like.dtype), dkernel.astype(kernel_rec_Hx4H.dtype),
-            (dh0.astype(h0.dtype), dc0.astype(c0.dtype)))
+    dxproj, dkernel, (dh0, dc0) = _backward(kernel_rec_Hx4H, saved, d_carry, d_hs, dtype, unroll)
+    return (dxproj.astype(x_like.dtype), dkernel.astype(kernel_rec_Hx4H.dtype),
+            (dh0.astype(h_like.dtype), dc0.astype(c_like.dtype)))
 
 
 _lstm_scan_cvjp.defvjp(_cvjp_fwd, _cvjp_bwd)

@@ -308,9 +308,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 "num_devices": jax.device_count(), "jax_version": jax.__version__,
                 "lstm_jax_version": _version()}
 
+    def barrier() -> None:
+        """Waits for in-flight train steps before another program runs. XLA:CPU deadlocks when two
+        different multi-device programs with collectives are in flight at once (reproduced on 2 CPU
+        devices: a train step and an eval step, each with an all-reduce); GPUs/TPUs order them."""
+        jax.block_until_ready(state)
+
     def evaluate() -> dict:
         if windows is None:
             return {}
+        barrier()
         n_dev = mesh.devices.size
         eval_rows = max(n_dev, (batch // n_dev) * n_dev)
         padded, weight = data.pad_rows(windows, eval_rows)
@@ -366,10 +373,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     def save(step: int, val_loss: Optional[float] = None) -> None:
         flush(upto_all=True)   # never checkpoint a state whose loss was not checked
+        barrier()
         if checkpointer.latest_step() != step:
             checkpointer.save(step, host_state(), metadata(step), val_loss)
 
     def write_samples(step: int) -> None:
+        barrier()
         rng = np.random.default_rng([config.seed, step])
         prime = config.sample.prime
         if not prime and windows is not None:   # the seed: a random window of the text as prime

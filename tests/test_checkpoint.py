@@ -27,7 +27,7 @@ from flax import nnx
 
 from conftest import REPO, tiny_config, write_corpus
 from lstm_jax import checkpoint as ckpt
-from lstm_jax import cli, sample, train
+from lstm_jax import cli, train
 from lstm_jax.config import flat_items, get_config
 
 WORKER = REPO / "tests" / "train_worker.py"
@@ -137,16 +137,6 @@ def wait_for_training_progress(metrics: pathlib.Path, proc, log_path, timeout: f
 
 # --- shared fixtures -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _sampling_stub():
-    """End-of-run samples need sample.generate; stub it while lstm_jax/sample.py lacks it."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not hasattr(sample, "generate"):
-            mp.setattr(sample, "generate", lambda model, vocab, *, num_samples=1, **kw:
-                       types.SimpleNamespace(texts=[""] * num_samples), raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     return write_corpus(tmp_path_factory.mktemp("corpus"), TEXT)
@@ -225,19 +215,18 @@ def test_checkpoint_metadata_describes_the_run(reference, run_on_8_devices):
 
 # --- preemption ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, corpus, reference,
-                                                                      capsys, sig):
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, corpus, reference,
+                                                                      capsys):
     workdir, log = tmp_path / "run", tmp_path / "worker.log"
     proc = start_worker(["train", "--workdir", str(workdir), "--progress=False",
                          *cli_flags(base_config(corpus))], log, LSTM_JAX_TEST_STEP_SLEEP="0.25")
     wait_for_training_progress(workdir / "metrics.jsonl", proc, log)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     rc, out = finish(proc, log)
 
     assert rc == 143, out
-    match = re.search(rf"received {sig.name}: saved a checkpoint at step (\d+) in \S+; "
-                      rf"run the same command to resume", out)
+    match = re.search(r"received SIGTERM: saved a checkpoint at step (\d+) in \S+; "
+                      r"run the same command to resume", out)
     assert match, out
     stopped_at = int(match.group(1))
     assert 0 < stopped_at < 20, out
@@ -248,6 +237,33 @@ def test_signal_saves_a_checkpoint_exits_143_and_the_next_run_resumes(tmp_path, 
     capsys.readouterr()
     resumed = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
     assert f"from step {stopped_at}" in capsys.readouterr().out
+    assert resumed.step == 20 and not resumed.preempted
+    assert_same_arrays(param_arrays(resumed.model), reference.params)
+
+
+def test_sigint_in_process_saves_and_returns_preempted_then_resumes(tmp_path, corpus, reference,
+                                                                    capsys, monkeypatch):
+    """Ctrl-C from the library API: train_and_evaluate returns preempted=True after saving."""
+    from lstm_jax import data
+    original_prefetch = data.prefetch
+
+    def interrupting_prefetch(iterable, *args, **kwargs):
+        for i, item in enumerate(original_prefetch(iterable, *args, **kwargs)):
+            if i == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+    monkeypatch.setattr(data, "prefetch", interrupting_prefetch)
+    workdir, handler = tmp_path / "run", signal.getsignal(signal.SIGINT)
+    stopped = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    monkeypatch.setattr(data, "prefetch", original_prefetch)
+    assert signal.getsignal(signal.SIGINT) is handler   # the caller's handler is back
+
+    assert stopped.preempted and 0 < stopped.step < 20
+    assert (f"received SIGINT: saved a checkpoint at step {stopped.step}"
+            in capsys.readouterr().out)
+    assert latest_step(workdir) == stopped.step
+    resumed = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    assert f"from step {stopped.step}" in capsys.readouterr().out
     assert resumed.step == 20 and not resumed.preempted
     assert_same_arrays(param_arrays(resumed.model), reference.params)
 
@@ -350,8 +366,6 @@ def test_restore_model_onto_a_different_device_count(tmp_path, run_on_8_devices,
 
 
 def test_sample_cli_needs_only_the_workdir_on_one_device(tmp_path, run_on_8_devices):
-    if not hasattr(sample, "write_samples") or not hasattr(sample, "generate"):
-        pytest.skip("lstm_jax/sample.py has no write_samples/generate yet")
     log, out_path = tmp_path / "sample.log", tmp_path / "samples.jsonl"
     rc, out = finish(start_worker(["sample", "--workdir", str(run_on_8_devices.workdir),
                                    "--num_samples=2", "--length=20", "--temperature=0,1",

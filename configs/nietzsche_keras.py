@@ -26,6 +26,8 @@ def get_config():
     c.optimizer.clip_norm = 0.0        # the seed does not clip (and diverges near epoch 56)
     c.optimizer.schedule = "constant"
     c.num_epochs = 60
+    c.sample.every_epochs = 1          # the seed samples after every epoch
+    c.eval_max_windows = 4096
     c.log_every = 100
     c.checkpoint.every_steps = 2000
     return c

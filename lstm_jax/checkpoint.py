@@ -32,7 +32,10 @@ class Checkpointer:
                                        keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep), create=not read_only,
-            read_only=read_only, enable_async_checkpointing=True)
+            read_only=read_only, enable_async_checkpointing=True,
+            # best_fn makes Orbax write each step's metrics beside it, so BestN still knows the
+            # best checkpoint after a restart (and best_step() returns it, not the latest).
+            best_fn=(lambda m: m["val_loss"]) if keep_best else None, best_mode="min")
         self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"no checkpoints in {self.directory.parent}; train first with "

@@ -112,11 +112,10 @@ def train(argv: Sequence[str]) -> int:
     result = _friendly(lambda: train_lib.train_and_evaluate(
         config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value))
     if result.preempted:
-        return 143
+        return 130 if result.preempted_by == "SIGINT" else 143
     m = result.metrics
-    print(f"done: step {result.step}, train_loss {m.get('train_loss', float('nan')):.4f}"
-          + (f", val_loss {m['val_loss']:.4f}, val_last_loss {m['val_last_loss']:.4f}" if "val_loss" in m else "")
-          + f"; workdir {fv['workdir'].value}")
+    shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_last_loss") if k in m)
+    print(f"done: step {result.step}" + (f", {shown}" if shown else "") + f"; workdir {fv['workdir'].value}")
     return 0
 
 

@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"    # constant | cosine (decays to lr * final_lr_fraction)
     c.optimizer.warmup_steps = 0       # linear warm-up steps
     c.optimizer.final_lr_fraction = 0.1
-    c.num_epochs = 10                  # passes over the training split
+    c.num_epochs = 8                   # passes over the training split
     c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
     c.seed = 0                         # params, shuffling, dropout and samples all derive from it
     # --- logging, evaluation, samples -----------------------------------------------------------
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the seed's four
     c.sample.length = 400              # chars per sample
-    c.sample.every_epochs = 5          # sample after every N epochs (and at the end); 0 = only at end
+    c.sample.every_epochs = 4          # sample after every N epochs (and at the end); 0 = only at end
     c.sample.prime = ""                # empty: a random held-out window, as the seed does
     # --- checkpoints ----------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()

@@ -72,5 +72,5 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
 def replicate_for_pmap(tree, devices: Sequence[jax.Device]):
     """Stacks a host pytree once per device along a new leading axis, placed for `jax.pmap`."""
-    sharding = jax.sharding.PmapSharding.default((len(devices),), 0, devices)
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("pmap",)), P("pmap"))
     return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)

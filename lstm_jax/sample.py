@@ -45,38 +45,46 @@ Prime = Union[None, str, Sequence[str]]
 def _draw(logits_BxV, u_B, temperature_B, top_k_B, top_p_B, filtered):
     """Greedy (T == 0) or temperature/top-k/top-p draw by inverse CDF, one uniform u in (0, 1] per row.
 
-    Written over the V rows of the (V, B) transpose, unrolled: XLA:CPU then fuses the whole draw into
-    one loop vectorised over the batch (its reductions over a short minor axis are ~10x slower). The
-    CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn.
+    The CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn. Rows
+    without top-k/top-p get an all-true mask, so their draws do not depend on the other rows.
     """
-    greedy_B = temperature_B == 0
-    t_B = jnp.where(greedy_B, 1.0, temperature_B)
+    t_B = jnp.where(temperature_B == 0, 1.0, temperature_B)
+    keep_VxB = jax.lax.cond(filtered, _top_k_top_p, lambda l, t, k, p: jnp.ones(l.shape[::-1], bool),
+                            logits_BxV, t_B, top_k_B, top_p_B)
+    probs, argmax_B = _probs(logits_BxV, t_B)
+    total_B, cdf = jnp.zeros_like(u_B), []
+    for keep_B, p_B in zip(keep_VxB, probs):
+        total_B = total_B + jnp.where(keep_B, p_B, 0.0)
+        cdf.append(total_B)
+    drawn_B = sum((c_B < u_B * total_B).astype(jnp.int32) for c_B in cdf)
+    return jnp.where(temperature_B == 0, argmax_B, jnp.minimum(drawn_B, len(cdf) - 1))
+
+
+def _probs(logits_BxV, t_B):
+    """exp(logits / T - max) for each of the V chars, as V (B,) rows, and the argmax.
+
+    Unrolled over the V rows of the (V, B) transpose: XLA:CPU fuses it into one loop vectorised over
+    the batch (its reductions over a short minor axis are ~10x slower).
+    """
     rows = [row / t_B for row in logits_BxV.T]
-    best_B, argmax_B = rows[0], jnp.zeros(u_B.shape, jnp.int32)
+    best_B, argmax_B = rows[0], jnp.zeros(t_B.shape, jnp.int32)
     for j, row in enumerate(rows[1:], 1):
         better_B = row > best_B
         best_B, argmax_B = jnp.where(better_B, row, best_B), jnp.where(better_B, j, argmax_B)
-    probs_VxB = jnp.stack([jnp.exp(row - best_B) for row in rows])  # unnormalised
-    keep_VxB = jax.lax.cond(filtered, _top_k_top_p, lambda p, k, q: jnp.ones(p.shape, bool),
-                            probs_VxB, top_k_B, top_p_B)
-    total_B, cdf = jnp.zeros_like(u_B), []
-    for p_B in jnp.where(keep_VxB, probs_VxB, 0.0):
-        total_B = total_B + p_B
-        cdf.append(total_B)
-    x_B = u_B * total_B
-    drawn_B = sum((c_B < x_B).astype(jnp.int32) for c_B in cdf)
-    return jnp.where(greedy_B, argmax_B, jnp.minimum(drawn_B, len(rows) - 1))
+    return [jnp.exp(row - best_B) for row in rows], argmax_B
 
 
-def _top_k_top_p(probs_VxB, top_k_B, top_p_B):
-    """Keep mask: the k most likely chars (k <= 0: all) within the smallest set holding top_p of the mass.
-
-    O(V^2) comparisons instead of a sort (a sort per row is ~100x slower on CPU); ties are kept together.
+def _top_k_top_p(logits_BxV, t_B, top_k_B, top_p_B):
+    """Keep mask (V, B): the k most likely chars (k <= 0: all) within the smallest set holding top_p
+    of the mass. O(V^2) comparisons instead of a sort (a sort per row is ~100x slower on CPU); ties
+    are kept together.
     """
+    probs, _ = _probs(logits_BxV, t_B)
+    probs_VxB = jnp.stack(probs)
     rank_VxB = jnp.zeros(probs_VxB.shape, jnp.int32)  # how many chars are strictly more likely
     above_VxB = jnp.zeros_like(probs_VxB)             # and their total mass
-    total_B = jnp.zeros_like(probs_VxB[0])
-    for p_B in probs_VxB:
+    total_B = jnp.zeros_like(t_B)
+    for p_B in probs:
         more_VxB = p_B > probs_VxB
         rank_VxB, above_VxB = rank_VxB + more_VxB, above_VxB + jnp.where(more_VxB, p_B, 0.0)
         total_B = total_B + p_B
@@ -111,7 +119,11 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, 
     TRACE_COUNT += 1
     model = nnx.merge(graphdef, params)
     batch, num_steps = prime_BxT.shape
+    # All uniforms up front (one vectorised hash; CPU's threefry is a rolled loop, slow per step).
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_index_B)
+    step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
+        row_keys, jnp.arange(num_steps))
+    u_TxB = 1.0 - jax.vmap(jax.vmap(jax.random.uniform))(step_keys)  # in (0, 1]
     filtered = jnp.any((top_k_B > 0) | (top_p_B < 1))
     first_draw = prime_len_B.min() - 1  # no row keeps a draw from before this step
     if window:
@@ -121,7 +133,7 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, 
 
     def body(carry, xs):
         state, prev_B = carry
-        t, prime_B = xs
+        t, prime_B, u_B = xs
         tok_B = jnp.where(t < prime_len_B, prime_B, prev_B)
         if window:
             buf, valid = state
@@ -131,12 +143,11 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, 
                 lambda s: jnp.zeros((batch, model.config.vocab_size), jnp.float32), state)
         else:
             logits_BxV, state = model.step(tok_B, state)
-        u_B = 1.0 - jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys)
         drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k_B, top_p_B, filtered)
         return (state, drawn_B), drawn_B
 
     init = (state, jnp.zeros((batch,), jnp.int32))
-    _, drawn_TxB = jax.lax.scan(body, init, (jnp.arange(num_steps), prime_BxT.T))
+    _, drawn_TxB = jax.lax.scan(body, init, (jnp.arange(num_steps), prime_BxT.T, u_TxB))
     return drawn_TxB
 
 

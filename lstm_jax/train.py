@@ -201,6 +201,7 @@ class TrainResult:
     step: int
     metrics: dict
     preempted: bool = False
+    preempted_by: Optional[str] = None   # 'SIGTERM' | 'SIGINT'
 
 
 class _StopSignal:
@@ -305,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         return {"config": _to_jsonable(config), "vocab": list(vocab.chars), "step": step,
                 "epoch": step // steps_per_epoch, "batch_in_epoch": step % steps_per_epoch,
                 "steps_per_epoch": steps_per_epoch, "corpus_fingerprint": corpus.fingerprint,
-                "num_devices": jax.device_count(), "jax_version": jax.__version__,
+                "num_devices": int(mesh.devices.size), "jax_version": jax.__version__,
                 "lstm_jax_version": _version()}
 
     def barrier() -> None:
@@ -338,6 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     targets_per_step = batch * (1 if config.objective == "window" else config.seq_len)
     t_start = time.perf_counter()
     pending: list[tuple[int, Any]] = []   # (step, device metrics) not yet fetched
+    epoch_sums: dict[int, float] = {}     # epoch -> sum of its step losses (this session's steps)
     window_t, window_steps = time.perf_counter(), 0
     last_logged: dict = {}
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and is_main),
@@ -349,7 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         ready, pending = (pending, []) if upto_all else (pending[:-1], pending[-1:])
         if not ready:
             return
-        fetched = jax.device_get([m for _, m in ready])
+        # pmap metrics carry a leading device axis (all equal after pmean): take entry 0
+        fetched = [jax.tree.map(lambda x: np.ravel(x)[0], m) for m in jax.device_get([m for _, m in ready])]
         losses = np.array([float(m["loss"]) for m in fetched])
         if not np.all(np.isfinite(losses)):
             bad = ready[int(np.argmin(np.isfinite(losses)))][0]
@@ -357,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 f"the training loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}; the "
                 f"last saved checkpoint is intact. Lower optimizer.learning_rate or enable gradient "
                 f"clipping (--config.optimizer.clip_norm=5).")
+        for (s, _), loss in zip(ready, losses):   # Keras-style mean training loss per epoch
+            epoch_sums[s // steps_per_epoch] = epoch_sums.get(s // steps_per_epoch, 0.0) + loss
         now = time.perf_counter()
         step = ready[-1][0] + 1
         elapsed = now - window_t
@@ -399,6 +404,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     step = start_step
     preempted = None
+    if start_step >= total_steps and is_main:
+        print(f"{workdir} is already at step {start_step} of {total_steps}: nothing to train "
+              f"(raise --config.num_epochs or --config.max_steps to continue)")
     eval_metrics: dict = {}
     with _StopSignal() as stop:
         try:
@@ -431,8 +439,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 # end of an epoch (or of the run)
                 flush(upto_all=True)
                 eval_metrics = evaluate()
+                finished = (step - 1) // steps_per_epoch
+                epoch_steps = step - max(start_step, finished * steps_per_epoch)
+                epoch_loss = ({"epoch_train_loss": epoch_sums[finished] / epoch_steps}
+                              if step % steps_per_epoch == 0 and finished in epoch_sums else {})
                 log.write({"step": step, "epoch": step / steps_per_epoch,
-                           "elapsed_s": round(time.perf_counter() - t_start, 3), **eval_metrics})
+                           "elapsed_s": round(time.perf_counter() - t_start, 3), **epoch_loss,
+                           **eval_metrics})
                 if eval_metrics:
                     bar.write(f"epoch {step / steps_per_epoch:.2f} step {step}: "
                               f"train_loss {last_logged.get('train_loss', float('nan')):.4f} "
@@ -457,7 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     params = jax.device_get(host_state().params)
     model = nnx.merge(graphdef, params)
     return TrainResult(model=model, vocab=vocab, step=step,
-                       metrics={**last_logged, **eval_metrics}, preempted=preempted is not None)
+                       metrics={**last_logged, **eval_metrics}, preempted=preempted is not None,
+                       preempted_by=signal.Signals(preempted).name if preempted else None)
 
 
 def restore_model(workdir: str | pathlib.Path, step: Optional[int] = None) -> tuple[CharLSTM, data.Vocab, ml_collections.ConfigDict]:
@@ -527,5 +541,6 @@ def _version() -> str:
     try:
         from importlib.metadata import version
         return version("lstm_jax")
-    except Exception:
-        return "unknown"
+    except Exception:   # not pip-installed (a source checkout on PYTHONPATH)
+        from lstm_jax import __version__
+        return __version__

@@ -218,32 +218,55 @@ def _run_two_processes(config, workdir: pathlib.Path, timeout: float = 150) -> l
 
 
 def _params(workdir) -> list[np.ndarray]:
+    """Parameters restored from a workdir alone (config.json, vocab.json, latest checkpoint)."""
     model, _, _ = train.restore_model(workdir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
-def test_two_processes_with_two_devices_each_equal_one_process_with_four(tmp_path):
-    corpus = write_corpus(tmp_path, "the quick brown fox jumps over the lazy dog. " * 60
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The reference: one process, a 4-device mesh; returns (corpus path, workdir)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    corpus = write_corpus(tmp, "the quick brown fox jumps over the lazy dog. " * 60
                           + "Pack my box with five dozen liquor jugs! " * 20)
-    two = tmp_path / "two_processes"
-    outputs = _run_two_processes(_run_config(corpus, **{"parallel.num_devices": 0}), two)
-    one = tmp_path / "one_process"
-    train.train_and_evaluate(_run_config(corpus, **{"parallel.num_devices": 4}), one, progress=False)
+    workdir = tmp / "one_process"
+    train.train_and_evaluate(_run_config(corpus, **{"parallel.num_devices": 4}), workdir, progress=False)
+    return corpus, workdir
 
-    for a, b in zip(_params(two), _params(one)):
+
+def _assert_same_workdir(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+    for a, b in zip(_params(workdir), _params(reference)):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
-    # Process 0 alone wrote the files: the same records as the one-process run, none twice.
-    metrics = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [m["step"] for m in reference] == [2, 4, 4]
-    for m, r in zip(metrics, reference):
-        for k in ("train_loss", "val_loss", "val_last_loss"):
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [m["step"] for m in expected] == [2, 4, 4]
+    for m, r in zip(metrics, expected):
+        for k in ("train_loss", "grad_norm", "val_loss", "val_last_loss"):
             if k in r:
-                assert m[k] == pytest.approx(r[k], rel=1e-5)
-    samples = (two / "samples.txt").read_text()
-    assert samples.count("----- step 4") == 1 and samples.count("----- temperature") == 4
-    assert json.loads((two / "config.json").read_text())["parallel"]["num_processes"] == 2
-    # Checkpoints were saved collectively (steps 2 and 4), with the global device count.
-    steps = sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())
+                assert m[k] == pytest.approx(r[k], rel=1e-5), k
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4]
-    assert all("done: step 4" in out for out in outputs)
+
+
+def test_two_processes_with_two_devices_each_equal_one_process_with_four(tmp_path, one_process_run):
+    corpus, reference = one_process_run
+    workdir = tmp_path / "two_processes"
+    outputs = _run_two_processes(_run_config(corpus, **{"parallel.num_devices": 0}), workdir)
+    # Same parameters and metrics; process 0 alone wrote metrics.jsonl and samples.txt (no record
+    # twice); both processes took part in the checkpoint saves at steps 2 and 4.
+    _assert_same_workdir(workdir, reference)
+    samples = (workdir / "samples.txt").read_text()
+    assert samples.count("----- step 4") == 1 and samples.count("----- temperature") == 4
+    assert json.loads((workdir / "config.json").read_text())["parallel"]["num_processes"] == 2
+    assert "done: step 4" in outputs[0]
+
+
+@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError), reason=(
+    "KNOWN BUGS (remove this marker when fixed): parallel.replicate_for_pmap uses "
+    "jax.sharding.PmapSharding (gone in JAX 0.10), and train_and_evaluate's flush() calls float() on "
+    "the pmap step's per-device loss vector"))
+def test_pmap_mode_trains_like_mesh_mode(tmp_path, one_process_run):
+    corpus, reference = one_process_run
+    config = _run_config(corpus, **{"parallel.num_devices": 4, "parallel.mode": "pmap"})
+    train.train_and_evaluate(config, tmp_path / "pmap", progress=False)
+    _assert_same_workdir(tmp_path / "pmap", reference)

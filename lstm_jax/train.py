@@ -139,15 +139,16 @@ def make_pmap_train_step(graphdef, tx, config, axis_name: str = "batch",
 
 
 def make_eval_step(graphdef) -> Callable:
-    """`eval_step(params, windows_BxL1, weight_B) -> sums` for val_loss (every position) and
-    val_last_loss (the char after each window, the seed's loss)."""
-    def eval_step(params, windows_BxL1, weight_B):
+    """`eval_step(params, windows_BxL1) -> (loss_sum_B, last_loss_B)`: per-row sums of the
+    next-char loss over every position (val_loss) and the loss on the char after the window
+    (val_last_loss, the seed's loss). Rows stay sharded and the host reduces them: the program has
+    no collectives, so any number of eval steps may be in flight (XLA:CPU can deadlock when
+    several multi-device programs with collectives are queued at once)."""
+    def eval_step(params, windows_BxL1):
         model = nnx.merge(graphdef, params)
         logits = model(windows_BxL1[:, :-1])
         losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, windows_BxL1[:, 1:])
-        return {"loss_sum": (losses_BxT.sum(axis=1) * weight_B).sum(),
-                "last_loss_sum": (losses_BxT[:, -1] * weight_B).sum(),
-                "positions": weight_B.sum() * losses_BxT.shape[1], "windows": weight_B.sum()}
+        return losses_BxT.sum(axis=1), losses_BxT[:, -1]
     return jax.jit(eval_step)
 
 
@@ -323,15 +324,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         eval_rows = max(n_dev, (batch // n_dev) * n_dev)
         padded, weight = data.pad_rows(windows, eval_rows)
         params = host_state().params
-        sums = None
-        for i in range(0, len(padded), eval_rows):
-            part = eval_step(params, parallel.to_global(padded[i:i + eval_rows][parallel.process_rows(eval_rows)], mesh),
-                             parallel.to_global(weight[i:i + eval_rows][parallel.process_rows(eval_rows)], mesh))
-            sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
-        s = jax.device_get(sums)
-        val_loss = float(s["loss_sum"] / s["positions"])
-        return {"val_loss": val_loss, "val_bpc": val_loss / LN2,
-                "val_last_loss": float(s["last_loss_sum"] / s["windows"])}
+        rows = parallel.process_rows(eval_rows)
+        parts = [eval_step(params, parallel.to_global(padded[i:i + eval_rows][rows], mesh))
+                 for i in range(0, len(padded), eval_rows)]
+        loss_sum = np.concatenate([np.asarray(jax.device_get(_gather(p[0]))) for p in parts])
+        last = np.concatenate([np.asarray(jax.device_get(_gather(p[1]))) for p in parts])
+        val_loss = float((loss_sum * weight).sum() / (weight.sum() * config.eval_window))
+        val_last = float((last * weight).sum() / weight.sum())
+        return {"val_loss": val_loss, "val_bpc": val_loss / LN2, "val_last_loss": val_last}
 
     log = _MetricsLog(workdir / "metrics.jsonl", is_main)
     start_step = int(jax.device_get(host_state().step))
@@ -472,6 +472,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return TrainResult(model=model, vocab=vocab, step=step,
                        metrics={**last_logged, **eval_metrics}, preempted=preempted is not None,
                        preempted_by=signal.Signals(preempted).name if preempted else None)
+
+
+def _gather(x: jax.Array) -> jax.Array:
+    """A (possibly multi-process) sharded array as one fully addressable array."""
+    if x.is_fully_addressable:
+        return x
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(x, tiled=True)
 
 
 def restore_model(workdir: str | pathlib.Path, step: Optional[int] = None) -> tuple[CharLSTM, data.Vocab, ml_collections.ConfigDict]:

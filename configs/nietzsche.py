@@ -4,7 +4,10 @@ Same lowercased corpus and held-out tail as configs/nietzsche_keras.py, so val_l
 char after held-out 60-char windows) is comparable with the seed's training loss.
 
 Command:  lstm-jax train --config configs/nietzsche.py --workdir runs/nz
-Expected: see the README's configs table (measured on a 2-core CPU).
+Expected (2-core CPU, 1 XLA device): val_last_loss <= 1.34 (the seed's epoch-20 training loss) after
+~2,000 steps, ~130 s of training (the seed needs ~1,760 s for its 20 epochs); ~180 s for all 10
+epochs; best val_last_loss ~1.29, val_loss ~1.35 nats (1.94 bpc). Bigger models overfit this 570k-char
+corpus within the same time.
 """
 from lstm_jax.config import get_config as _base
 
@@ -14,16 +17,16 @@ def get_config():
     c.corpus = "nietzsche"
     c.lowercase = True
     c.objective = "sequence"
-    c.seq_len = 100
-    c.batch_size = 64
-    c.model.hidden_size = 384
+    c.seq_len = 64
+    c.batch_size = 32
+    c.model.hidden_size = 256
     c.model.num_layers = 1
-    c.model.dropout = 0.0
-    c.optimizer.learning_rate = 0.005
+    c.optimizer.learning_rate = 0.01
     c.optimizer.clip_norm = 5.0
     c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 50
     c.num_epochs = 10
-    c.log_every = 50
+    c.eval_max_windows = 4096
+    c.sample.every_epochs = 5
+    c.log_every = 100
     c.checkpoint.every_steps = 1000
     return c

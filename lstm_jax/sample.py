@@ -329,9 +329,11 @@ def _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size
 
 
 def rows_per_call(num_samples: int, chunk_size: int, devices: int = 1) -> int:
-    """The batch bucket: 1 for one sample, else the next power of two >= num_samples, at least
-    MIN_ROWS, at most chunk_size, rounded up to a multiple of the device count."""
-    rows = 1 if num_samples == 1 else max(MIN_ROWS, 1 << (num_samples - 1).bit_length())
+    """The batch bucket: one row per device for a single sample; else the next power of two
+    >= num_samples, at least MIN_ROWS per device, at most chunk_size; a multiple of `devices`."""
+    if num_samples == 1:
+        return devices
+    rows = max(MIN_ROWS * devices, 1 << (num_samples - 1).bit_length())
     return _round_up(min(rows, chunk_size), devices)
 
 

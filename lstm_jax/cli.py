@@ -108,6 +108,7 @@ def train(argv: Sequence[str]) -> int:
     except ValueError as e:
         raise SystemExit(f"lstm-jax train: {e}")
     _host_setup(config)
+    import jax
     from lstm_jax import train as train_lib
     result = _friendly(lambda: train_lib.train_and_evaluate(
         config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value))
@@ -115,7 +116,8 @@ def train(argv: Sequence[str]) -> int:
         return 130 if result.preempted_by == "SIGINT" else 143
     m = result.metrics
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_last_loss") if k in m)
-    print(f"done: step {result.step}" + (f", {shown}" if shown else "") + f"; workdir {fv['workdir'].value}")
+    if jax.process_index() == 0:
+        print(f"done: step {result.step}" + (f", {shown}" if shown else "") + f"; workdir {fv['workdir'].value}")
     return 0
 
 

@@ -44,6 +44,19 @@ def check_divisible(global_batch: int, mesh: Mesh, what: str = "batch_size") -> 
             f"use a multiple of {n} (e.g. {lo or hi} or {hi}), or set per_device_batch_size")
 
 
+def first_devices(n: int) -> list[jax.Device]:
+    """n devices for the mesh, n / process_count from each process, in process order (each
+    process feeds its own devices: `process_rows` and `to_global` rely on it)."""
+    p = jax.process_count()
+    if n % p or n // p > jax.local_device_count():
+        raise ValueError(
+            f"parallel.num_devices={n} must be a multiple of the {p} processes and at most "
+            f"{jax.device_count()} (each process needs the same number of its own devices in the "
+            f"mesh); use 0 for all {jax.device_count()} devices")
+    by_process = [[d for d in jax.devices() if d.process_index == i] for i in range(p)]
+    return [d for devs in by_process for d in devs[:n // p]]
+
+
 def process_rows(global_batch: int) -> slice:
     """Rows of the global batch that this process loads (contiguous, in process order)."""
     per = global_batch // jax.process_count()
@@ -71,6 +84,8 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
 
 def replicate_for_pmap(tree, devices: Sequence[jax.Device]):
-    """Stacks a host pytree once per device along a new leading axis, placed for `jax.pmap`."""
-    sharding = NamedSharding(Mesh(np.asarray(devices), ("pmap",)), P("pmap"))
-    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+    """Stacks a host pytree once per device of this process along a new leading axis, placed for
+    `jax.pmap` (which takes host-local arrays: one entry per local device)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    sharding = NamedSharding(Mesh(np.asarray(local), ("pmap",)), P("pmap"))
+    return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(local)), sharding), tree)

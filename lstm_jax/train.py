@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     vocab = corpus.vocab
 
     n_dev = config.parallel.num_devices
-    mesh = parallel.make_mesh(jax.devices()[:n_dev] if n_dev else None)
+    mesh = parallel.make_mesh(parallel.first_devices(n_dev) if n_dev else None)
     batch = global_batch_size(config, mesh)
     batcher = data.make_batcher(config, corpus.train_tokens, batch)
     steps_per_epoch = batcher.steps_per_epoch
@@ -288,7 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     base_key = jax.random.key(config.seed)
     pmap = config.parallel.mode == "pmap"
     if pmap:
-        pmap_devices = list(mesh.devices.flat) if jax.process_count() == 1 else jax.local_devices()
+        pmap_devices = list(mesh.devices.flat)   # every process's devices: pmap wants the same list everywhere
+        n_local = sum(d.process_index == jax.process_index() for d in pmap_devices)
         step_fn = make_pmap_train_step(graphdef, tx, config, devices=pmap_devices)
         state = parallel.replicate_for_pmap(jax.device_get(state), pmap_devices)
     else:
@@ -297,11 +298,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     def place(batch_rows: np.ndarray):
         if pmap:
-            return batch_rows.reshape((len(pmap_devices), -1) + batch_rows.shape[1:])
+            return batch_rows.reshape((n_local, -1) + batch_rows.shape[1:])
         return parallel.to_global(batch_rows, mesh)
 
     def host_state():
-        return jax.tree.map(lambda x: x[0], state) if pmap else state
+        if not pmap:
+            return state
+        # device 0's copy as one array replicated over the mesh (what Orbax and eval_step take;
+        # pmap's outputs are host-local, which Orbax refuses to save in a multi-process run)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            parallel.replicated(mesh), np.asarray(x[0])), state)
 
     def metadata(step: int) -> dict:
         return {"config": _to_jsonable(config), "vocab": list(vocab.chars), "step": step,
@@ -446,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 log.write({"step": step, "epoch": step / steps_per_epoch,
                            "elapsed_s": round(time.perf_counter() - t_start, 3), **epoch_loss,
                            **eval_metrics})
-                if eval_metrics:
+                if eval_metrics and is_main:
                     bar.write(f"epoch {step / steps_per_epoch:.2f} step {step}: "
                               f"train_loss {last_logged.get('train_loss', float('nan')):.4f} "
                               f"val_loss {eval_metrics['val_loss']:.4f} "

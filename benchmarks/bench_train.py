@@ -1,35 +1,43 @@
 """Training throughput of lstm_jax on this host, with a same-run PyTorch baseline.
 
-Each *variant* (a set of host/model settings) runs in its own worker subprocess, because allocator
-settings must be applied before the first big allocation and the CPU device count before JAX starts;
-the PyTorch baseline runs in subprocesses of the same invocation, so every ratio in the output
-compares numbers measured minutes apart on the same machine state.
+Each *variant* (a set of host/model settings) runs in its own worker process, because allocator
+settings must be applied before the first big allocation and the CPU device count before JAX starts.
+For one workload all variants' workers (PyTorch included) are started and warmed up one after the
+other, then timed in interleaved rounds (A B C ... A B C ...), so a change in host load (other jobs
+on a shared machine) hits every variant alike and every ratio compares numbers taken seconds apart.
 
 Variants (cumulative, as in the performance issue):
   plain        autodiff backward (jax.grad of lax.scan), 1 CPU device, glibc malloc defaults, f32
   custom       + hand-written BPTT (recurrence.lstm_scan_custom_vjp)
   malloc       + glibc malloc tuned (hostenv.tune_cpu_allocator)
-  devices      + one XLA CPU device per core, batch split over them (hostenv.configure_cpu_devices)
+  devices      + one XLA CPU device per core, batch split over them (hostenv.configure_cpu_devices:
+               also single-threaded devices and an intra-op pool of 2 threads per device)
   bf16         + bfloat16 matmul inputs (f32 accumulation, f32 cell state)
   plain_dev    autodiff backward + malloc + devices (the "straightforward step" on all cores)
+  devices_mt   devices, but the devices share a multi-threaded intra-op pool
+  default_env_dev  custom + devices without malloc tuning
   torch        PyTorch nn.LSTM as users run it (default environment)
   torch_malloc PyTorch with the same glibc malloc settings (MALLOC_* env vars)
+`--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags).
 
 Workloads (`--workloads`): window (seed: H=128, B=128, T=60, loss on the last char; samples/s),
 sequence (same model, loss at every position; target chars/s), large (H=512, B=64, T=100,
-sequence objective), grid (1-3 layers x 128-1024 hidden, sequence objective, best variant + torch).
+sequence objective), grid1/grid2/grid3 (1/2/3 layers x hidden 128-1024, B=64, T=50, sequence
+objective; "grid" = all three).
 
-Every time is the median of `--repeats` timed repeats of `--min-time` seconds each, after compile
-and warm-up, with `block_until_ready`. Compile (trace + lower + XLA compile) is reported separately
-from the jax.monitoring events of the first call, and the number of compilations after the first
-step is recorded (must be 0).
+The step is the project's own (lstm_jax.train.make_train_step: jitted, state donated, RMSprop;
+clipping off and constant lr, as the seed and the PyTorch baseline). Reported per variant: the
+median (and best) of `--repeats` interleaved repeats of ~`--min-time` s each, after compile and
+warm-up, ending in block_until_ready; model GFLOP/s (matmul FLOPs, backward = 2x forward) and the
+fraction of a large-GEMM peak measured in the same run (MFU); compile time (trace + lower + XLA
+compile, from jax.monitoring) and the number of compilations after warm-up (must be 0).
 
-    flock /tmp/lstm_jax_cpu.lock python benchmarks/bench_train.py            # ~3 min
+    flock /tmp/lstm_jax_cpu.lock python benchmarks/bench_train.py --workloads window   # ~2 min
     python benchmarks/bench_train.py --workloads window --variants custom,devices,torch
-    python benchmarks/bench_train.py --workloads grid --repeats 3 --min-time 0.5
+    python benchmarks/bench_train.py --workloads grid1 --variants malloc,devices,torch
 
-Writes benchmarks/results/train_cpu.json (merged per workload with earlier runs unless --fresh)
-and a PNG chart next to it.
+Writes benchmarks/results/train_cpu.json (runs merged per workload name unless --fresh) and
+train_cpu_<workload>.png / train_cpu_grid.png next to it.
 """
 from __future__ import annotations
 
@@ -55,9 +63,13 @@ WORKLOADS = {
     "window": [dict(SEED, objective="window")],
     "sequence": [dict(SEED, objective="sequence")],
     "large": [dict(vocab=57, hidden=512, layers=1, batch=64, seq=100, objective="sequence")],
-    "grid": [dict(vocab=57, hidden=h, layers=l, batch=64, seq=100, objective="sequence")
-             for l in (1, 2, 3) for h in (128, 256, 512, 1024)],
 }
+# The size grid (sequence objective, B=64, T=50), one entry per layer count so that each run stays
+# short; "grid" runs all three.
+for _l in (1, 2, 3):
+    WORKLOADS[f"grid{_l}"] = [dict(vocab=57, hidden=h, layers=_l, batch=64, seq=50,
+                                   objective="sequence") for h in (128, 256, 512, 1024)]
+WORKLOADS["grid"] = WORKLOADS["grid1"] + WORKLOADS["grid2"] + WORKLOADS["grid3"]
 
 # name -> worker settings (backward, malloc, devices, dtype) or torch settings
 VARIANTS = {
@@ -70,6 +82,8 @@ VARIANTS = {
     "plain_nomalloc_dev": dict(kind="jax", backward="autodiff", malloc=False, devices=0,
                                dtype="float32"),
     "default_env_dev": dict(kind="jax", backward="custom", malloc=False, devices=0, dtype="float32"),
+    "devices_mt": dict(kind="jax", backward="custom", malloc=True, devices=0, dtype="float32",
+                       single_threaded=False),
     "torch": dict(kind="torch", malloc=False),
     "torch_malloc": dict(kind="torch", malloc=True),
 }
@@ -146,87 +160,102 @@ def _make_step(wl: dict, var: dict):
     return state, run, step, mesh
 
 
-def worker(spec: dict) -> dict:
-    """Runs inside a fresh process; returns a JSON-able dict."""
+def worker(spec: dict) -> None:
+    """One JAX variant x one workload, in a fresh process: set up, compile, warm up, print a ready
+    line, then time n steps per {"op": "time"} line on stdin (torch_baseline.serve protocol)."""
     from lstm_jax import hostenv
+    from torch_baseline import serve, warm_up
     applied = {}
     if spec["malloc"]:
         applied = hostenv.tune_cpu_allocator(spec.get("mallopt") or None)
     import jax
     n_dev = spec["devices"]
-    hostenv.configure_cpu_devices(n_dev if n_dev else None)
+    hostenv.configure_cpu_devices(n_dev if n_dev else None,
+                                  single_threaded_devices=spec.get("single_threaded", True))
     events = _compile_listener()
-    result = {"variant": spec["name"], "settings": spec, "mallopt_applied": applied,
-              "jax_devices": [str(d) for d in jax.devices()], "results": []}
-    for wl in spec["workloads"]:
-        del events[:]
-        t0 = time.perf_counter()
-        state, run, step, mesh = _make_step(wl, spec)
-        jax.block_until_ready(state)
-        setup_s = time.perf_counter() - t0
-        del events[:]
-        t0 = time.perf_counter()
-        state, metrics = run(state, 0)
-        jax.block_until_ready(metrics)
-        first_s = time.perf_counter() - t0
-        compile_events = list(events)
-        del events[:]
-        # Warm-up, and steps per repeat so that a repeat takes about min_time.
-        t0 = time.perf_counter()
-        n_warm = 0
-        while n_warm < 3 or time.perf_counter() - t0 < 0.5 * spec["min_time"]:
-            state, metrics = run(state, n_warm + 1)
-            n_warm += 1
-        jax.block_until_ready(state)
-        per = (time.perf_counter() - t0) / n_warm
-        n = max(2, int(round(spec["min_time"] / per)))
-        times = []
-        for _ in range(spec["repeats"]):
-            t0 = time.perf_counter()
-            for k in range(n):
-                state, metrics = run(state, k)
-            jax.block_until_ready((state, metrics))
-            times.append((time.perf_counter() - t0) / n)
-        recompiles = sum(1 for name, _ in events if name.endswith("backend_compile_duration"))
-        med = statistics.median(times)
-        window = wl["objective"] == "window"
-        flops = train_flops(wl["objective"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"],
-                            wl["vocab"])
+    wl = spec["workload"]
+    t0 = time.perf_counter()
+    state, run, step, mesh = _make_step(wl, spec)
+    jax.block_until_ready(state)
+    setup_s = time.perf_counter() - t0
+    del events[:]
+    holder = {"state": state}
 
-        def total(suffix):
-            return sum(s for name, s in compile_events if name.endswith(suffix))
-        result["results"].append({
-            "workload": wl, "step_s": med, "step_s_all": times, "steps_per_repeat": n,
-            "samples_per_s": wl["batch"] / med,
-            "target_chars_per_s": (wl["batch"] if window else wl["batch"] * wl["seq"]) / med,
-            "gflops": flops / med / 1e9,
-            "first_step_s": first_s, "setup_s": setup_s,
-            "compile_s": {
-                "trace": total("jaxpr_trace_duration"),
-                "lower": total("jaxpr_to_mlir_module_duration"),
-                "backend_compile": total("backend_compile_duration"),
-            },
-            "compiles_after_first_step": recompiles,
-            "loss": float(metrics["loss"]),
-        })
-        del state, run, step
+    def one(k):
+        holder["state"], metrics = run(holder["state"], k)
+        return metrics
+
+    def sync(metrics):
+        jax.block_until_ready((holder["state"], metrics))
+        return metrics["loss"]
+
+    first_s, n = warm_up(one, spec["min_time"], sync=sync)
+    compile_events = list(events)
+
+    def total(suffix):
+        return sum(s for name, s in compile_events if name.endswith(suffix))
+    # A warm-up that spans several steps may include the first step's compile only; any
+    # compilation event after that is a recompilation.
+    n_compiles = sum(1 for name, _ in compile_events if name.endswith("backend_compile_duration"))
+    ready = {"ready": True, "jax_devices": [str(d) for d in jax.devices()],
+             "mallopt_applied": applied, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "first_step_s": first_s, "setup_s": setup_s, "steps_per_repeat": n,
+             "compile_s": {"trace": total("jaxpr_trace_duration"),
+                           "lower": total("jaxpr_to_mlir_module_duration"),
+                           "backend_compile": total("backend_compile_duration")},
+             "compiles_in_warmup": n_compiles}
     if spec.get("gemm_peak"):
-        result["gemm_peak_gflops"] = _gemm_peak()
-    return result
+        ready["gemm_peak_gflops"] = _gemm_peak()
+    del events[:]
+    print(json.dumps(ready), flush=True)
+    serve(one, n, sync=lambda m: float(sync(m)))
+    # after serve returns (finish): report compilations during the timed repeats
+    recompiles = sum(1 for name, _ in events if name.endswith("backend_compile_duration"))
+    print(json.dumps({"compiles_after_warmup": recompiles}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
 # Orchestrator
 # ------------------------------------------------------------------------------------------------
 
-def _run_child(cmd: list[str], env: dict, timeout: float) -> list[dict]:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+class Child:
+    """A worker process speaking the ready / time / finish line protocol."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, timeout: float):
+        self.name, self.timeout = name, timeout
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.info = self._read()
+        self.times: list[float] = []
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                err = self.proc.stderr.read()[-4000:]
+                raise RuntimeError(f"{self.name} exited ({self.proc.wait()}):\n{err}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def time(self) -> float:
+        self.proc.stdin.write('{"op": "time"}\n')
+        self.proc.stdin.flush()
+        t = self._read()["t"]
+        self.times.append(t)
+        return t
+
+    def finish(self) -> dict:
+        self.proc.stdin.write('{"op": "finish"}\n')
+        self.proc.stdin.flush()
+        out = self._read()
+        if self.info.get("ready") and "jax_devices" in self.info:
+            out.update(self._read())
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        return out
 
 
-def run_variant(name: str, workloads: list[dict], args) -> list[dict]:
+def start_child(name: str, wl: dict, args, gemm_peak: bool) -> Child:
     from lstm_jax import hostenv  # no jax import
     var = VARIANTS[name]
     env = dict(os.environ)
@@ -236,24 +265,53 @@ def run_variant(name: str, workloads: list[dict], args) -> list[dict]:
     if var["kind"] == "torch":
         if var["malloc"]:
             env.update(hostenv.allocator_env())
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "torch_baseline.py"),
-               "--workloads-json", json.dumps(workloads), "--repeats", str(args.repeats),
-               "--min-time", str(args.min_time)]
-        return [dict(r, variant=name) for r in _run_child(cmd, env, args.timeout)]
-    spec = dict(var, name=name, workloads=workloads, repeats=args.repeats, min_time=args.min_time,
-                gemm_peak=(name == args.peak_variant))
+        cmd = [sys.executable, str(ROOT / "benchmarks" / "torch_baseline.py"), "--serve",
+               "--workloads-json", json.dumps([wl]), "--min-time", str(args.min_time)]
+        return Child(name, cmd, env, args.timeout)
+    spec = dict(var, name=name, workload=wl, min_time=args.min_time, gemm_peak=gemm_peak)
+    env.update(var.get("env", {}))
+    if var.get("xla_flags"):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + var["xla_flags"]).strip()
     if var["dtype"] == "bfloat16" and args.bf16_isa:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.bf16_isa}").strip()
-    env["LSTM_JAX_NO_MALLOC_TUNING"] = "0"
+    env.pop("LSTM_JAX_NO_MALLOC_TUNING", None)
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    (res,) = _run_child(cmd, env, args.timeout)
-    out = []
-    for r in res["results"]:
-        r.update(variant=name, jax_devices=res["jax_devices"], mallopt_applied=res["mallopt_applied"])
-        out.append(r)
-    if "gemm_peak_gflops" in res:
-        out.append({"variant": name, "gemm_peak_gflops": res["gemm_peak_gflops"]})
-    return out
+    return Child(name, cmd, env, args.timeout)
+
+
+def run_workload(wl: dict, variants: list[str], args, want_peak: bool) -> tuple[list[dict], dict]:
+    """Starts one worker per variant (one at a time: compile and warm-up), then times them in
+    interleaved rounds, so that a load change on the host hits every variant alike."""
+    children, peak = [], None
+    try:
+        for i, v in enumerate(variants):
+            t0 = time.perf_counter()
+            children.append(start_child(v, wl, args, gemm_peak=want_peak and i == 0))
+            peak = peak or children[-1].info.get("gemm_peak_gflops")
+            print(f"  [{_wl_key(wl)}] {v}: ready in {time.perf_counter() - t0:.1f}s",
+                  file=sys.stderr, flush=True)
+        for _ in range(args.repeats):
+            for c in children:
+                time.sleep(args.pause)
+                c.time()
+        finals = [c.finish() for c in children]
+    finally:
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.kill()
+    rows = []
+    window = wl["objective"] == "window"
+    flops = train_flops(wl["objective"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"],
+                        wl["vocab"])
+    for c, fin in zip(children, finals):
+        med = statistics.median(c.times)
+        info = {k: v for k, v in c.info.items() if k not in ("ready", "gemm_peak_gflops")}
+        rows.append(dict(info, **fin, variant=c.name, settings=VARIANTS[c.name], workload=wl,
+                         step_s=med, step_s_min=min(c.times), step_s_all=c.times,
+                         samples_per_s=wl["batch"] / med,
+                         target_chars_per_s=(wl["batch"] if window else wl["batch"] * wl["seq"]) / med,
+                         gflops=flops / med / 1e9, model_gflop_per_step=flops / 1e9))
+    return rows, peak
 
 
 def _wl_key(wl: dict) -> str:
@@ -279,8 +337,12 @@ def summarize(rows: list[dict], peak: float | None) -> dict:
             continue
         key = _wl_key(r["workload"])
         metric = "samples_per_s" if r["workload"]["objective"] == "window" else "target_chars_per_s"
-        t = table.setdefault(key, {"metric": metric, "values": {}, "gflops": {}, "mfu": {}})
+        t = table.setdefault(key, {"metric": metric, "values": {}, "best": {}, "gflops": {},
+                                   "mfu": {}, "compile_s": {}})
         t["values"][r["variant"]] = r[metric]
+        t["best"][r["variant"]] = r[metric] * r["step_s"] / r["step_s_min"]
+        if "compile_s" in r:
+            t["compile_s"][r["variant"]] = sum(r["compile_s"].values())
         t["gflops"][r["variant"]] = r["gflops"]
         if peak:
             t["mfu"][r["variant"]] = r["gflops"] / peak
@@ -296,7 +358,7 @@ def print_table(table: dict) -> None:
     for key, t in table.items():
         print(f"\n{key}  [{t['metric']}]")
         for var, val in t["values"].items():
-            extra = ""
+            extra = f"  (best {t['best'][var]:,.0f})"
             for base in ("torch", "torch_malloc"):
                 if f"ratio_vs_{base}" in t:
                     extra += f"  x{t[f'ratio_vs_{base}'][var]:.2f} vs {base}"
@@ -365,22 +427,32 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None,
                     help=f"comma list of {sorted(VARIANTS)} (default: {DEFAULT_VARIANTS}; "
                          f"for grid: {GRID_VARIANTS})")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=BASE:JSON",
+                    help="ad-hoc variant: BASE's settings updated with a JSON object, e.g. "
+                         "'st2=devices:{\"xla_flags\": \"--xla_cpu_multi_thread_eigen=false\"}'")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch variants")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats per variant")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timed repeat")
     ap.add_argument("--bf16-isa", default="",
                     help="--xla_cpu_max_isa for the bf16 variant, e.g. AVX512_BF16 (only where the "
                          "CPU exposes it)")
-    ap.add_argument("--peak-variant", default="custom",
-                    help="variant whose worker also measures the GEMM peak")
+    ap.add_argument("--no-gemm-peak", dest="gemm_peak", action="store_false",
+                    help="skip measuring the large-GEMM peak (the MFU reference)")
+    ap.add_argument("--pause", type=float, default=0.05,
+                    help="seconds of idle between timed repeats (lets spinning threads settle)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", default=str(RESULTS / "train_cpu.json"))
     ap.add_argument("--fresh", action="store_true", help="do not merge with an existing JSON")
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        worker(json.loads(args.worker))
         return 0
+
+    for d in args.define:
+        name, rest = d.split("=", 1)
+        base, js = rest.split(":", 1)
+        VARIANTS[name] = dict(VARIANTS[base], **json.loads(js))
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -389,41 +461,44 @@ def main(argv=None) -> int:
         record = json.loads(out.read_text())
     runs = record.setdefault("runs", {})
     for wname in args.workloads.split(","):
-        workloads = WORKLOADS[wname]
-        variants = (args.variants or (GRID_VARIANTS if wname == "grid" else DEFAULT_VARIANTS)).split(",")
+        variants = (args.variants or (GRID_VARIANTS if wname.startswith("grid") else DEFAULT_VARIANTS)).split(",")
         if args.no_torch:
             variants = [v for v in variants if not v.startswith("torch")]
-        rows, peak = [], None
         t_start = time.time()
-        for v in variants:
-            t0 = time.perf_counter()
-            for r in run_variant(v, workloads, args):
-                if "gemm_peak_gflops" in r:
-                    peak = r["gemm_peak_gflops"]
-                else:
-                    rows.append(r)
-            print(f"[{wname}] {v}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
-        peak_val = max(peak.values()) if peak else (record.get("gemm_peak_gflops") or {}).get("max")
+        rows, peak = [], None
+        errors = []
+        for wl in WORKLOADS[wname]:
+            try:
+                r, p = run_workload(wl, variants, args, want_peak=peak is None and args.gemm_peak)
+            except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
+                print(f"  [{_wl_key(wl)}] FAILED: {e}", file=sys.stderr, flush=True)
+                errors.append({"workload": wl, "error": str(e)[-2000:]})
+                continue
+            rows += r
+            peak = peak or p
+        if peak:
+            record["gemm_peak_gflops"] = dict(peak, max=max(peak.values()))
+        peak_val = (record.get("gemm_peak_gflops") or {}).get("max")
         table = summarize(rows, peak_val)
         print_table(table)
         runs[wname] = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
                        "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                        "repeats": args.repeats, "min_time_s": args.min_time,
+                       "load_avg_after": os.getloadavg(), "errors": errors,
                        "summary": table, "rows": rows}
-        if peak:
-            record["gemm_peak_gflops"] = dict(peak, max=max(peak.values()))
         from lstm_jax import hostenv
         record["host"] = hostenv.describe()
         record["host"]["machine"] = platform.machine()
         record["host"]["device_kind"] = "cpu"
         record["versions"] = _versions()
         out.write_text(json.dumps(record, indent=1))
-        if wname == "grid":
-            plot_grid(rows, out.parent / "train_cpu_grid.png", peak_val)
+        if wname.startswith("grid"):
+            plot_grid([r for k, v in runs.items() if k.startswith("grid") for r in v["rows"]],
+                      out.parent / "train_cpu_grid.png", peak_val)
         else:
             plot(table, out.parent / f"train_cpu_{wname}.png",
                  f"{wname}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
-                 f"{record['host']['cpu_count']} cores")
+                 f"{record['host']['cpu_count']} cores (median of {args.repeats} interleaved repeats)")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 

@@ -39,7 +39,8 @@ def train_flops(objective: str, hidden: int, layers: int, batch: int, seq: int, 
     return 3.0 * fwd
 
 
-def run_workload(wl: dict, repeats: int, min_time: float, threads: int | None) -> dict:
+def build(wl: dict, threads: int | None = None):
+    """(step(k) -> loss tensor, info) for one workload: model, optimiser and 4 random batches."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -69,45 +70,72 @@ def run_workload(wl: dict, repeats: int, min_time: float, threads: int | None) -
         y = torch.randint(0, V, (B,) if window else (B, T), generator=gen)
         batches.append((x, y))
 
-    def step(x, y):
+    def step(k):
+        x, y = batches[k % len(batches)]
         opt.zero_grad(set_to_none=True)
         logits = model(F.one_hot(x, V).float())
         loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
         loss.backward()
         opt.step()
-        return loss
+        return loss.detach()
 
+    info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    return step, info
+
+
+def warm_up(step, min_time: float, sync=lambda out: None) -> tuple[float, int]:
+    """First-step seconds, and steps per timed repeat so that one repeat takes ~min_time."""
     t0 = time.perf_counter()
-    step(*batches[0])
+    sync(step(0))
     first_s = time.perf_counter() - t0
-    # Warm-up, and choose steps per repeat so that one repeat takes about min_time.
     t0 = time.perf_counter()
     n_warm = 0
     while n_warm < 3 or time.perf_counter() - t0 < 0.5 * min_time:
-        step(*batches[n_warm % len(batches)])
+        out = step(n_warm + 1)
         n_warm += 1
+    sync(out)
     per = (time.perf_counter() - t0) / n_warm
-    n = max(2, int(round(min_time / per)))
+    return first_s, max(2, int(round(min_time / per)))
+
+
+def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout) -> None:
+    """Answers {"op": "time"} lines with {"t": seconds per step over n steps}; stops at EOF or
+    {"op": "finish"}. Used by bench_train.py to interleave repeats of all variants."""
+    k = 0
+    for line in stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "time":
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = step(k)
+                k += 1
+            sync(out)
+            print(json.dumps({"t": (time.perf_counter() - t0) / n}), file=stdout, flush=True)
+        elif cmd["op"] == "finish":
+            print(json.dumps({"finished": True, "loss": float(sync(out)) if k else None}),
+                  file=stdout, flush=True)
+            return
+
+
+def run_workload(wl: dict, repeats: int, min_time: float, threads: int | None) -> dict:
+    """Standalone timing of one workload (median of `repeats`)."""
+    step, info = build(wl, threads)
+    first_s, n = warm_up(step, min_time, sync=float)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for k in range(n):
-            loss = step(*batches[k % len(batches)])
+            loss = step(k)
         float(loss)
         times.append((time.perf_counter() - t0) / n)
     med = statistics.median(times)
-    flops = train_flops(wl["objective"], H, L, B, T, V)
-    return {
-        "workload": wl, "step_s": med, "step_s_all": times, "steps_per_repeat": n,
-        "first_step_s": first_s,
-        "samples_per_s": B / med,
-        "target_chars_per_s": (B if window else B * T) / med,
-        "gflops": flops / med / 1e9,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "loss": float(loss),
-    }
+    B, T = wl["batch"], wl["seq"]
+    flops = train_flops(wl["objective"], wl["hidden"], wl["layers"], B, T, wl["vocab"])
+    return dict(info, workload=wl, step_s=med, step_s_all=times, steps_per_repeat=n,
+                first_step_s=first_s, samples_per_s=B / med,
+                target_chars_per_s=(B if wl["objective"] == "window" else B * T) / med,
+                gflops=flops / med / 1e9, loss=float(loss))
 
 
 def main(argv=None) -> int:
@@ -124,12 +152,22 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timed repeat")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--serve", action="store_true",
+                    help="(for bench_train.py) warm up one workload, print a ready line, then time "
+                         "n steps per {\"op\": \"time\"} line read from stdin")
     args = ap.parse_args(argv)
     if args.workloads_json:
         workloads = json.loads(args.workloads_json)
     else:
         workloads = [dict(objective=args.objective, hidden=args.hidden, layers=args.layers,
                           batch=args.batch, seq=args.seq, vocab=args.vocab)]
+    if args.serve:
+        (wl,) = workloads
+        step, info = build(wl, args.threads)
+        first_s, n = warm_up(step, args.min_time, sync=float)
+        print(json.dumps(dict(info, ready=True, first_step_s=first_s, steps_per_repeat=n)), flush=True)
+        serve(step, n, sync=float)
+        return 0
     for wl in workloads:
         res = run_workload(wl, args.repeats, args.min_time, args.threads)
         print(json.dumps(res), flush=True)

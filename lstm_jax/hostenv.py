@@ -72,6 +72,9 @@ _ENV_NAMES = {
 
 _applied: dict[str, int] = {}
 
+# Intra-op pool threads per CPU device when there are several (see configure_cpu_devices).
+MIN_POOL_THREADS_PER_DEVICE = 2
+
 
 def _glibc() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
@@ -147,19 +150,60 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def configure_cpu_devices(n: Optional[int] = None) -> Optional[int]:
+_ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt",
+                        "jax-cuda13-pjrt", "jax-rocm6-plugin", "jax-rocm7-plugin", "libtpu",
+                        "libtpu-nightly", "jax-metal")
+
+
+def default_backend_is_cpu() -> bool:
+    """Best guess, without initialising JAX, that the default backend will be the CPU: true when
+    JAX_PLATFORMS / jax_platforms names cpu first, or when no accelerator plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if "jax" in sys.modules:
+        platforms = sys.modules["jax"].config.jax_platforms or platforms
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    from importlib import metadata
+    for dist in _ACCELERATOR_PLUGINS:
+        try:
+            metadata.version(dist)
+            return False
+        except metadata.PackageNotFoundError:
+            continue
+    return True
+
+
+def _add_xla_flag(flag: str) -> bool:
+    """Appends --name=value to XLA_FLAGS unless --name is already there; True if added."""
+    key = flag.split("=")[0]
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if any(f.split("=")[0] == key for f in flags):
+        return False
+    os.environ["XLA_FLAGS"] = " ".join(flags + [flag])
+    return True
+
+
+def configure_cpu_devices(n: Optional[int] = None, *,
+                          single_threaded_devices: bool = True) -> Optional[int]:
     """Makes JAX's CPU backend expose `n` devices (default: one per core); returns n, or None.
 
     Must be called before JAX initialises its backends, i.e. before the first JAX computation,
     array creation or `jax.devices()` call (importing jax is fine). Called too late it changes
-    nothing, warns, and returns None. Respects an explicit `jax_num_cpu_devices` or
-    `--xla_force_host_platform_device_count` (then returns None and leaves them alone).
-    On GPU/TPU hosts it only affects the (unused) CPU backend: `jax.devices()` still lists the
-    accelerators, so it is safe to call unconditionally.
+    nothing, warns, and returns None. Leaves an explicit `jax_num_cpu_devices` or
+    `--xla_force_host_platform_device_count` alone (returns None). Does nothing (returns None) when
+    the default backend will not be the CPU (`default_backend_is_cpu()`), so GPU/TPU hosts are
+    unaffected.
 
-    What it buys: on this 2-core VM a data-parallel train step (batch split over 2 CPU devices)
-    runs the two halves' small matmuls and elementwise loops on separate cores, where one device
-    runs them on one; see MEASURED_DEVICES below.
+    With n > 1 and `single_threaded_devices`, also sets `--xla_cpu_multi_thread_eigen=false`
+    (unless XLA_FLAGS already names it): each device then runs its thunks on its own thread instead
+    of all devices sharing one intra-op pool of `cores` threads. That is faster (less
+    oversubscription) and, in our soak tests, stopped the occasional in-process all-reduce hang
+    ("Expected 2 threads to join the rendezvous") seen with the shared pool; see MEASURED below.
+
+    What it buys: a data-parallel train step (batch split over the devices) runs each half's small
+    (B/n, H) x (H, 4H) matmuls and elementwise loops on its own core; one XLA CPU device runs these
+    on one core at a time. Best for small hidden sizes; for large ones one multi-threaded device
+    wins (see `recommended_cpu_devices`).
     """
     if n is None:
         n = cpu_count()
@@ -167,6 +211,8 @@ def configure_cpu_devices(n: Optional[int] = None) -> Optional[int]:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if not default_backend_is_cpu():
         return None
     import jax  # importing does not initialise backends
     if jax.config.jax_num_cpu_devices not in (-1, None):
@@ -178,29 +224,35 @@ def configure_cpu_devices(n: Optional[int] = None) -> Optional[int]:
             RuntimeWarning, stacklevel=2)
         return None
     jax.config.update("jax_num_cpu_devices", n)
+    if n > 1:
+        # XLA:CPU runs every device's thunks, collectives included, on one shared pool of
+        # max(cores, devices) threads; a device blocked in an all-reduce holds a thread while its
+        # peer may need threads to get there. With 2 devices on 2 cores the step aborted within
+        # 500 steps ("Expected 2 threads to join the rendezvous") with pools of 2 and 3 threads,
+        # and ran 37,500 steps without a hang with 4 (= 2 per device).
+        if not (os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")):
+            os.environ["PJRT_NPROC"] = str(max(cpu_count(), MIN_POOL_THREADS_PER_DEVICE * n))
+        if single_threaded_devices:
+            _add_xla_flag("--xla_cpu_multi_thread_eigen=false")
     return n
 
 
 def cpu_xla_flags(max_isa: Optional[str] = None, extra: tuple[str, ...] = ()) -> str:
-    """Appends XLA CPU flags to `XLA_FLAGS` (only effective before jax is imported); returns it.
+    """Appends XLA CPU flags to `XLA_FLAGS` (effective until JAX initialises its backends); returns
+    the new value.
 
     `max_isa` sets `--xla_cpu_max_isa` (e.g. "AVX512_BF16" on a Zen 4 / Sapphire Rapids host whose
     kernel exposes AVX-512; bf16 matmul inputs only pay off where the CPU has native bf16 dot
-    instructions). Flags already present are not duplicated. CPU-only flags: no effect on GPU/TPU.
+    instructions, see `cpu_has_native_bf16`). Flags already present are not duplicated. CPU-only
+    flags: no effect on GPU/TPU computations.
     """
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    new = list(extra)
-    if max_isa:
-        new.append(f"--xla_cpu_max_isa={max_isa}")
-    for f in new:
-        key = f.split("=")[0]
-        if not any(x.split("=")[0] == key for x in flags):
-            flags.append(f)
-    if "jax" in sys.modules and new:
-        warnings.warn("cpu_xla_flags(): jax is already imported; XLA_FLAGS may be read already.",
+    if _backends_initialized():
+        warnings.warn("cpu_xla_flags(): JAX backends are initialised; XLA_FLAGS is read already.",
                       RuntimeWarning, stacklevel=2)
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-    return os.environ["XLA_FLAGS"]
+    new = list(extra) + ([f"--xla_cpu_max_isa={max_isa}"] if max_isa else [])
+    for f in new:
+        _add_xla_flag(f)
+    return os.environ.get("XLA_FLAGS", "")
 
 
 def cpu_has_native_bf16() -> bool:

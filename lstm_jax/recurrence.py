@@ -28,9 +28,36 @@ def recurrent_gates(h_BxH: jax.Array, kernel_rec_Hx4H: jax.Array, dtype) -> jax.
                    preferred_element_type=jnp.float32)
 
 
+def _varying_axes(x) -> frozenset:
+    """The shard_map mesh axes `x` varies over (empty outside shard_map)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)           # jax <= 0.9
+    if vma is None:
+        mat = getattr(aval, "manual_axis_type", None)  # jax 0.10
+        vma = getattr(mat, "varying", frozenset())
+    return frozenset(vma)
+
+
+def _vary_like(arrays, *refs):
+    """Inside `shard_map`, marks device-invariant arrays (replicated weights, zero initial carries)
+    as varying over the mesh axes that `refs` or any of `arrays` vary over, so `lax.scan` sees equal
+    carry types in and out and a custom VJP's cotangents match its inputs' types; JAX transposes
+    this cast to a psum of the cotangent, i.e. the gradient all-reduce lands after the backward
+    loop, outside it. A no-op outside shard_map."""
+    vma = frozenset().union(*(_varying_axes(a) for a in (*arrays, *refs)))
+    if not vma:
+        return tuple(arrays)
+    out = []
+    for a in arrays:
+        missing = tuple(sorted(vma - _varying_axes(a)))
+        out.append(jax.lax.pcast(a, missing, to="varying") if missing else a)
+    return tuple(out)
+
+
 def lstm_scan(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry,
               dtype=jnp.float32) -> tuple[Carry, jax.Array]:
     """Runs one LSTM layer over time. Returns the final carry and h for every step (T, B, H)."""
+    carry = _vary_like(carry, xproj_TxBx4H, kernel_rec_Hx4H)
 
     def step(carry: Carry, xproj_Bx4H: jax.Array) -> tuple[Carry, jax.Array]:
         h, c = carry
@@ -75,9 +102,9 @@ def _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
     """Forward recurrence that also returns what the backward pass needs.
 
     Returns ((h_T, c_T), hs, saved) with hs (T, B, H) the layer output and saved =
-    (h_prev, c_prev, tanh(c), t) per step: the inputs h_{t-1}, c_{t-1} (so the backward pass needs
-    no shifted copies), tanh(c_t), and t = tanh(scale * gates) (T, B, 4H), from which the gate
-    activations are i = (t_i + 1) / 2 (same for f, o) and g = t_g.
+    (h_prev, c_prev, t): the step inputs h_{t-1}, c_{t-1} (T, B, H) (so the backward pass needs no
+    shifted copies) and t = tanh(scale * gates) (T, B, 4H), from which the gate activations are
+    i = (t_i + 1) / 2 (same for f, o) and g = t_g.
     """
     hidden = kernel_rec_Hx4H.shape[0]
     scale = _gate_scale(hidden)
@@ -91,9 +118,8 @@ def _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
                                        preferred_element_type=jnp.float32))
         ti, tf, g, to = _split4(t)
         c = (0.5 * tf + 0.5) * c_prev + (0.5 * ti + 0.5) * g
-        tc = jnp.tanh(c)
-        h = (0.5 * to + 0.5) * tc
-        return (h, c), (h, (h_prev, c_prev, tc, t))
+        h = (0.5 * to + 0.5) * jnp.tanh(c)
+        return (h, c), (h, (h_prev, c_prev, t))
 
     h0, c0 = carry
     carry = (h0.astype(jnp.float32), c0.astype(jnp.float32))
@@ -101,31 +127,36 @@ def _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
     return (h, c), hs, saved
 
 
-def _backward(kernel_rec_Hx4H, saved, d_carry, d_hs_TxBxH, dtype, unroll):
-    """Reverse-time loop over the saved activations; returns (dxproj, dkernel_rec, dcarry0)."""
-    h_prev_TxBxH, c_prev_TxBxH, tc_TxBxH, t_TxBx4H = saved
+def _backward(kernel_rec_Hx4H, saved, c_T, d_carry, d_hs_TxBxH, dtype, unroll):
+    """Reverse-time loop over the saved activations; returns (dxproj, dkernel_rec, dcarry0).
+
+    The loop carries c_t (starting from the final cell state c_T) next to the cotangents, so only
+    c_{t-1} needs saving; tanh(c_t) is recomputed (cheaper than storing and reloading it).
+    """
+    h_prev_TxBxH, c_prev_TxBxH, t_TxBx4H = saved
     hidden = kernel_rec_Hx4H.shape[0]
     # d gate / d pre-activation = q * (1 - t^2): q = 1/4 for sigmoid gates, 1 for g.
     q = _gate_scale(hidden) ** 2
     kernel_t = kernel_rec_Hx4H.astype(dtype).T  # (4H, H), transposed once outside the loop
 
     def step(carry, inputs):
-        dh_next, dc_next = carry
-        dh_out, c_prev, tc, t = inputs
+        dh_next, dc_next, c = carry
+        dh_out, c_prev, t = inputs
         ti, tf, g, to = _split4(t)
         i, f, o = 0.5 * ti + 0.5, 0.5 * tf + 0.5, 0.5 * to + 0.5
+        tc = jnp.tanh(c)
         dh = dh_out + dh_next
         dc = dc_next + dh * o * (1.0 - tc * tc)
         # d loss / d activation for (i, f, g, o), then through the nonlinearity in one pass.
         d_act = jnp.concatenate([dc * g, dc * c_prev, dc * i, dh * tc], axis=-1)
         dgates = d_act * (q * (1.0 - t * t))
         dh_prev = jnp.dot(dgates.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
-        return (dh_prev, dc * f), dgates
+        return (dh_prev, dc * f, c_prev), dgates
 
     dh_T, dc_T = d_carry
-    (dh0, dc0), dgates_TxBx4H = jax.lax.scan(
-        step, (dh_T.astype(jnp.float32), dc_T.astype(jnp.float32)),
-        (d_hs_TxBxH.astype(jnp.float32), c_prev_TxBxH, tc_TxBxH, t_TxBx4H),
+    (dh0, dc0, _), dgates_TxBx4H = jax.lax.scan(
+        step, (dh_T.astype(jnp.float32), dc_T.astype(jnp.float32), c_T),
+        (d_hs_TxBxH.astype(jnp.float32), c_prev_TxBxH, t_TxBx4H),
         reverse=True, unroll=unroll)
 
     # Weight gradient: one GEMM over all timesteps, (H, T*B) x (T*B, 4H). Written as a contraction
@@ -147,13 +178,14 @@ def _cvjp_fwd(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll):
     (h, c), hs, saved = _forward_saving(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, unroll)
     # Empty arrays stand for the primal dtypes (residuals must be arrays).
     likes = tuple(jnp.zeros((0,), a.dtype) for a in (xproj_TxBx4H, carry[0], carry[1]))
-    return ((h, c), hs), (kernel_rec_Hx4H, saved, likes)
+    return ((h, c), hs), (kernel_rec_Hx4H, saved, c, likes)
 
 
 def _cvjp_bwd(dtype, unroll, residuals, cotangents):
-    kernel_rec_Hx4H, saved, (x_like, h_like, c_like) = residuals
+    kernel_rec_Hx4H, saved, c_T, (x_like, h_like, c_like) = residuals
     d_carry, d_hs = cotangents
-    dxproj, dkernel, (dh0, dc0) = _backward(kernel_rec_Hx4H, saved, d_carry, d_hs, dtype, unroll)
+    dxproj, dkernel, (dh0, dc0) = _backward(kernel_rec_Hx4H, saved, c_T, d_carry, d_hs, dtype,
+                                            unroll)
     return (dxproj.astype(x_like.dtype), dkernel.astype(kernel_rec_Hx4H.dtype),
             (dh0.astype(h_like.dtype), dc0.astype(c_like.dtype)))
 
@@ -175,7 +207,9 @@ def lstm_scan_custom_vjp(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, ca
     Extra memory over autodiff: none to speak of (both keep (T, B, 4H) gate values + (T, B, H)
     states). Matches `jax.grad(lstm_scan)` to float32 rounding (tests/test_recurrence.py).
     """
-    return _lstm_scan_cvjp(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype, int(unroll))
+    xproj_TxBx4H, kernel_rec_Hx4H, h0, c0 = _vary_like(
+        (xproj_TxBx4H, kernel_rec_Hx4H, carry[0], carry[1]))
+    return _lstm_scan_cvjp(xproj_TxBx4H, kernel_rec_Hx4H, (h0, c0), dtype, int(unroll))
 
 
 BACKWARDS = ("autodiff", "custom")

@@ -3,21 +3,23 @@
 One jitted `lax.scan` carries the LSTM state over `prime + length` steps for a whole batch of rows.
 At step t a row feeds its prime character while t < len(prime), else the character it drew at t-1;
 its text is what it draws from its last prime character on (the prime itself is not repeated).
-Per-row temperature (0 = greedy), top-k and top-p are traced arrays: changing them, the seed or the
-prime text never recompiles. An empty prime starts from '\\n' (else ' ', else vocabulary index 0).
+Temperature (per row, 0 = greedy), top-k and top-p are traced arrays: changing them, the seed or the
+prime text never recompiles. An empty prime starts from '\n' (else ' ', else vocabulary index 0).
 
 Buckets (only a new bucket compiles a new program):
-  * steps: `len(longest prime) - 1 + length` rounded up to a multiple of STEP_BUCKET (64), so
-    400 and 401 characters both run the 448-step program;
-  * rows per call: 1 for a single sample; otherwise the next power of two >= num_samples, at least
-    MIN_ROWS (64) per device, at most `chunk_size` (rounded up to a multiple of the device count).
-    Larger requests run in chunks of exactly that many rows; rows are split over the 'data' mesh axis.
+  * steps: `len(longest prime) - 1 + length` rounded up to a multiple of STEP_BUCKET (64): 400 and
+    401 characters both run the 448-step program;
+  * rows per call (`rows_per_call`): one per device for a single sample; otherwise the next power
+    of two >= num_samples, at least MIN_ROWS (64) per device, at most `chunk_size` (default
+    DEFAULT_CHUNK = 1024, the fastest on a 2-core CPU). Larger requests run in chunks of exactly
+    that many rows, split over the mesh's 'data' axis, the next chunk running while the host
+    decodes the previous one.
 
-Reproducibility: row i's uniform at step t is drawn from fold_in(fold_in(key(seed), i), t), so its
-text depends only on (seed, i, its prime, temperature, top-k, top-p), not on the chunking or the
-devices. Bit-exact equality across batch sizes also needs batch-size-independent float math: XLA:CPU
-uses another matmul kernel below ~64 rows (the last bit differs), hence the MIN_ROWS floor. A lone
-sample runs unpadded for speed and may, in rare draws, differ from the same row drawn in a batch.
+Reproducibility: row i's uniform at step t comes from fold_in(fold_in(key(seed), i), t), so its text
+depends only on (seed, i, its prime, temperature, top-k, top-p), not on chunking or devices.
+Bit-exact equality also needs batch-size-independent float math: XLA:CPU switches matmul kernels
+below ~64 rows (the last bit differs), hence the MIN_ROWS floor. A lone sample runs unpadded for
+speed and can, in rare draws, differ from the same row drawn in a batch.
 """
 from __future__ import annotations
 
@@ -37,20 +39,20 @@ from lstm_jax import parallel
 
 STEP_BUCKET = 64
 MIN_ROWS = 64
+DEFAULT_CHUNK = 1024
 TRACE_COUNT = 0  # times `_generate` was traced; the compile-once test reads it
 
 Prime = Union[None, str, Sequence[str]]
 
 
-def _draw(logits_BxV, u_B, temperature_B, top_k_B, top_p_B, filtered):
+def _draw(logits_BxV, u_B, temperature_B, top_k, top_p):
     """Greedy (T == 0) or temperature/top-k/top-p draw by inverse CDF, one uniform u in (0, 1] per row.
 
-    The CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn. Rows
-    without top-k/top-p get an all-true mask, so their draws do not depend on the other rows.
+    The CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn.
     """
     t_B = jnp.where(temperature_B == 0, 1.0, temperature_B)
-    keep_VxB = jax.lax.cond(filtered, _top_k_top_p, lambda l, t, k, p: jnp.ones(l.shape[::-1], bool),
-                            logits_BxV, t_B, top_k_B, top_p_B)
+    keep_VxB = jax.lax.cond((top_k > 0) | (top_p < 1), _top_k_top_p,
+                            lambda l, t, k, p: jnp.ones(l.shape[::-1], bool), logits_BxV, t_B, top_k, top_p)
     probs, argmax_B = _probs(logits_BxV, t_B)
     total_B, cdf = jnp.zeros_like(u_B), []
     for keep_B, p_B in zip(keep_VxB, probs):
@@ -74,7 +76,7 @@ def _probs(logits_BxV, t_B):
     return [jnp.exp(row - best_B) for row in rows], argmax_B
 
 
-def _top_k_top_p(logits_BxV, t_B, top_k_B, top_p_B):
+def _top_k_top_p(logits_BxV, t_B, top_k, top_p):
     """Keep mask (V, B): the k most likely chars (k <= 0: all) within the smallest set holding top_p
     of the mass; ties are kept together. O(V^2) comparisons: a sort per row is ~100x slower on CPU.
     """
@@ -86,8 +88,7 @@ def _top_k_top_p(logits_BxV, t_B, top_k_B, top_p_B):
         more_VxB = p_B > probs_VxB
         rank_VxB, above_VxB = rank_VxB + more_VxB, above_VxB + jnp.where(more_VxB, p_B, 0.0)
     total_B = functools.reduce(jnp.add, probs_VxB)
-    return (((top_k_B <= 0) | (rank_VxB < top_k_B))
-            & ((top_p_B >= 1) | (above_VxB < top_p_B * total_B)))
+    return ((top_k <= 0) | (rank_VxB < top_k)) & ((top_p >= 1) | (above_VxB < top_p * total_B))
 
 
 def _window_logits(model, window_BxW, valid_B):
@@ -106,24 +107,26 @@ def _window_logits(model, window_BxW, valid_B):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "window"))
-def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, top_p_B,
-              row_index_B, seed, *, window: int = 0):
-    """Draws (T, B) int32 for every row at every step t < T = prime_BxT.shape[1].
+def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, first_row, seed, top_k,
+              top_p, first_draw, *, window: int = 0):
+    """Draws (T, B) int32 of rows first_row, first_row + 1, ... at every step t < T = prime_BxT.shape[1].
 
-    window=0: O(1) per step, the LSTM state is carried. window=W: the state is recomputed from zero
-    over the last W input chars at every step (the seed's window semantics).
+    Row arrays may be sharded over devices; scalars are replicated. first_draw (the first step whose
+    draw any row keeps) comes from the host so that sharded rows never communicate (XLA:CPU
+    collectives between in-process devices can deadlock). window=0: O(1) per step, the LSTM state
+    is carried. window=W: the state is recomputed from zero over the last W input chars at every
+    step (the seed's window semantics).
     """
     global TRACE_COUNT
     TRACE_COUNT += 1
     model = nnx.merge(graphdef, params)
     batch, num_steps = prime_BxT.shape
     # All uniforms up front (one vectorised hash; CPU's threefry is a rolled loop, slow per step).
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_index_B)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed),
+                                                       first_row + jnp.arange(batch))
     step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
         row_keys, jnp.arange(num_steps))
     u_TxB = 1.0 - jax.vmap(jax.vmap(jax.random.uniform))(step_keys)  # in (0, 1]
-    filtered = jnp.any((top_k_B > 0) | (top_p_B < 1))
-    first_draw = prime_len_B.min() - 1  # no row keeps a draw from before this step
     if window:
         state = (jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch,), jnp.int32))
     else:
@@ -141,7 +144,7 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, top_k_B, 
                 lambda s: jnp.zeros((batch, model.config.vocab_size), jnp.float32), state)
         else:
             logits_BxV, state = model.step(tok_B, state)
-        drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k_B, top_p_B, filtered)
+        drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k, top_p)
         return (state, drawn_B), drawn_B
 
     init = (state, jnp.zeros((batch,), jnp.int32))
@@ -155,7 +158,7 @@ class Samples:
     index: np.ndarray        # (N,) int64
     texts: list[str]
     tokens: np.ndarray       # (N, length) int32
-    temperature: np.ndarray  # (N,) float32
+    temperature: np.ndarray  # (N,) float64, as given
     prime: list[str]
 
 
@@ -199,14 +202,15 @@ class Sampler:
     def iter_chunks(self, num_samples: int = 1, length: int = 400, *,
                     temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0,
                     top_p: float = 1.0, prime: Prime = None, seed: int = 0,
-                    chunk_size: int = 4096, unknown: str = "error", context: str = "state",
+                    chunk_size: int = DEFAULT_CHUNK, unknown: str = "error", context: str = "state",
                     window: int = 60) -> Iterator[Samples]:
         """Yields the rows chunk by chunk (see `generate` for the arguments)."""
         temps = _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size,
                             unknown, context, window)
         primes = [prime] if prime is None or isinstance(prime, str) else list(prime)
-        if not primes:
-            raise ValueError("prime is an empty list; pass None, one string, or one per row")
+        if not primes or not all(p is None or isinstance(p, str) for p in primes):
+            raise ValueError(f"prime must be None, a string, or a non-empty list of strings cycled "
+                             f"over the rows; got {_short(repr(prime))}")
         prime_ids = [self.encode(p or "", unknown) for p in primes]
         prime_ids = [ids if len(ids) else np.array([self.start], np.int32) for ids in prime_ids]
         steps = _round_up(max(len(ids) for ids in prime_ids) - 1 + length, STEP_BUCKET)
@@ -219,23 +223,23 @@ class Sampler:
         for start in range(0, num_samples, rows):
             index = np.arange(start, start + rows)
             which = index % len(primes)
-            row_args = (padded[which], lengths[which], np.array(temps, np.float32)[index % len(temps)],
-                        np.full(rows, top_k, np.int32), np.full(rows, top_p, np.float32),
-                        index.astype(np.int32))
-            sharded = jax.device_put(row_args, parallel.data_sharded(self.mesh))
-            drawn = _generate(self.graphdef, self.params, *sharded, np.uint32(seed),
+            row_args = (padded[which], lengths[which], np.array(temps, np.float32)[index % len(temps)])
+            drawn = _generate(self.graphdef, self.params,
+                              *jax.device_put(row_args, parallel.data_sharded(self.mesh)),
+                              np.int32(start), np.uint32(seed), np.int32(top_k), np.float32(top_p),
+                              np.int32(lengths[which].min() - 1),
                               window=window if context == "window" else 0)
             if pending is not None:  # fetch the previous chunk while this one runs
                 yield self._collect(*pending)
-            pending = (drawn, row_args, min(rows, num_samples - start), length, primes)
+            pending = (drawn, index[:num_samples - start], lengths[which], length, primes, temps)
         if pending is not None:
             yield self._collect(*pending)
 
-    def _collect(self, drawn_TxB, row_args, n, length, primes) -> Samples:
+    def _collect(self, drawn_TxB, index_B, prime_len_B, length, primes, temps) -> Samples:
+        n = len(index_B)
         drawn_BxT = np.asarray(drawn_TxB).T[:n]
-        prime_len_B, temperature_B, index_B = row_args[1][:n], row_args[2][:n], row_args[5][:n]
-        tokens = np.take_along_axis(drawn_BxT, prime_len_B[:, None] - 1 + np.arange(length), 1)
-        return Samples(index_B.astype(np.int64), self.decode(tokens), tokens, temperature_B,
+        tokens = np.take_along_axis(drawn_BxT, prime_len_B[:n, None] - 1 + np.arange(length), 1)
+        return Samples(index_B, self.decode(tokens), tokens, np.asarray(temps)[index_B % len(temps)],
                        [primes[i % len(primes)] or "" for i in index_B])
 
     def generate(self, num_samples: int = 1, length: int = 400, **kwargs) -> Samples:
@@ -249,7 +253,7 @@ class Sampler:
 
 def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 400,
              temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 1.0,
-             prime: Prime = None, seed: int = 0, chunk_size: int = 4096, unknown: str = "error",
+             prime: Prime = None, seed: int = 0, chunk_size: int = DEFAULT_CHUNK, unknown: str = "error",
              context: str = "state", window: int = 60,
              mesh: Optional[jax.sharding.Mesh] = None) -> Samples:
     """Generates `num_samples` continuations of `length` characters each.
@@ -276,7 +280,7 @@ def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_sa
     from tqdm import tqdm
     sampler = Sampler(model, vocab, mesh=kwargs.pop("mesh", None))
     chunks = sampler.iter_chunks(num_samples, **kwargs)
-    rows = rows_per_call(num_samples, kwargs.get("chunk_size", 4096), sampler.mesh.devices.size)
+    rows = rows_per_call(num_samples, kwargs.get("chunk_size", DEFAULT_CHUNK), sampler.mesh.devices.size)
     f = open(out, "w", encoding="utf-8") if out else sys.stdout
     written = 0
     try:

@@ -55,6 +55,19 @@ class Bigram(nnx.Module):
         return self.table[...][tokens_B], carry
 
 
+@nnx.jit
+def _logits(model, tokens_1xT):
+    return model(tokens_1xT)
+
+
+def next_greedy(model, tokens, width):
+    """Argmax after `tokens` by the model's full forward pass from a zero state (right-padded to
+    `width` so one compile serves every length: later positions cannot change earlier ones)."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(tokens)] = tokens
+    return int(jnp.argmax(_logits(model, jnp.asarray(padded))[0, len(tokens) - 1]))
+
+
 def softmax(x):
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -104,7 +117,7 @@ def test_greedy_char_lstm_follows_its_own_full_forward_pass(one_device):
                           prime="abcab", mesh=one_device)
     tokens = list(LETTERS.encode("abcab"))
     for _ in range(12):  # re-run the whole sequence each time: no state threading to get wrong
-        tokens.append(int(jnp.argmax(model(jnp.asarray([tokens]), last_only=True)[0])))
+        tokens.append(next_greedy(model, tokens, 17))
     assert out.texts == [LETTERS.decode(tokens[5:])]
 
 
@@ -123,7 +136,7 @@ def draws(one_device, **kwargs):
 def test_draws_follow_softmax_of_logits_over_temperature(one_device):
     tokens, temps = draws(one_device, temperature=[0.5, 1.2])
     for t in (0.5, 1.2):
-        counts = np.bincount(tokens[temps == np.float32(t)].ravel(), minlength=8)
+        counts = np.bincount(tokens[temps == t].ravel(), minlength=8)
         assert chi_square(counts, softmax(LOGITS / t)) < CHI2_CRITICAL_P001[7], (t, counts)
 
 
@@ -185,7 +198,7 @@ def test_rows_do_not_depend_on_chunks_or_devices(one_device):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     sharded = json.loads(run.stdout)
-    assert len(set(one_call.texts)) > 4000  # real samples, not one string repeated
+    assert len(set(one_call.texts)) > 3000  # real samples (the greedy rows repeat per prime)
     assert chunked.texts == one_call.texts
     assert sharded == one_call.texts
 
@@ -223,8 +236,7 @@ def test_window_context_reruns_the_last_window_for_every_char(one_device):
     for prime, text in zip(primes, out.texts):
         tokens = list(LETTERS.encode(prime))
         for _ in range(10):
-            window = jnp.asarray([tokens[-5:]])
-            tokens.append(int(jnp.argmax(model(window, last_only=True)[0])))
+            tokens.append(next_greedy(model, tokens[-5:], 5))
         assert text == LETTERS.decode(tokens[len(prime):])
     stateful = sample.generate(model, LETTERS, num_samples=2, length=10, temperature=0.0,
                                prime=primes, mesh=one_device)
@@ -275,7 +287,8 @@ def test_unknown_prime_chars_are_listed_or_dropped(one_device):
     (dict(chunk_size=0), "chunk_size must be an integer >= 1"),
     (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\)"),
     (dict(seed=2**32), r"seed must be an integer in \[0, 2\*\*32\)"),
-    (dict(prime=[]), "prime is an empty list"),
+    (dict(prime=[]), "prime must be None, a string, or a non-empty list of strings"),
+    (dict(prime=["ok", 3]), "prime must be None, a string, or a non-empty list of strings"),
     (dict(unknown="ignore"), "unknown must be 'error' or 'drop'"),
     (dict(context="attention"), "context must be 'state' or 'window'"),
     (dict(context="window", window=0), "window must be a positive integer"),

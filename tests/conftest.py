@@ -26,19 +26,11 @@ def _no_network(monkeypatch):
 
 
 def tiny_config(**overrides):
-    """A config that trains in seconds: small corpus slice, small model, 1 device."""
-    from lstm_jax.config import get_config
-    c = get_config()
-    c.model.hidden_size = 32
-    c.batch_size = 16
-    c.seq_len = 20
-    c.num_epochs = 1
+    """configs/tiny.py (small model, 1 device), 20 steps, logging every 5, plus `overrides`."""
+    from lstm_jax.config import load_config_file
+    c = load_config_file(str(REPO / "configs" / "tiny.py"))
     c.max_steps = 20
     c.log_every = 5
-    c.eval_max_windows = 64
-    c.sample.length = 40
-    c.checkpoint.every_steps = 10
-    c.parallel.num_devices = 1
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")

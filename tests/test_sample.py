@@ -215,15 +215,14 @@ def test_first_rows_do_not_depend_on_how_many_rows_follow(one_device):
 
 def test_compiles_once_per_bucket(one_device):
     model = CharLSTM(ModelConfig(vocab_size=8, hidden_size=16), rngs=nnx.Rngs(0))
-    calls = [dict(length=400, temperature=1.0, prime="abc", seed=0),
-             dict(length=401, temperature=[0.2, 0.5, 1.0, 1.2], prime="hgf", seed=1),
-             dict(length=380, temperature=0.0, top_k=3, prime=["a", "bcdefgh"], seed=2),
-             dict(length=390, temperature=0.7, top_p=0.9, top_k=5, prime=None, seed=3)]
+    calls = [dict(num_samples=4, length=400, temperature=1.0, prime="abc", seed=0),
+             dict(num_samples=4, length=401, temperature=[0.2, 0.5, 1.0, 1.2], prime="hgf", seed=1),
+             dict(num_samples=50, length=380, temperature=0.0, top_k=3, prime=["a", "bcdefgh"], seed=2),
+             dict(num_samples=64, length=390, temperature=0.7, top_p=0.9, top_k=5, seed=3)]
     before = sample.TRACE_COUNT
-    texts = [sample.generate(model, LETTERS, num_samples=4, mesh=one_device, **kw).texts
-             for kw in calls]
-    assert sample.TRACE_COUNT - before == 1
-    assert [len(t[0]) for t in texts] == [400, 401, 380, 390]
+    texts = [sample.generate(model, LETTERS, mesh=one_device, **kw).texts for kw in calls]
+    assert sample.TRACE_COUNT - before == 1  # one (64 rows, 448 steps) program for all four
+    assert [(len(t), len(t[0])) for t in texts] == [(4, 400), (4, 401), (50, 380), (64, 390)]
     sample.generate(model, LETTERS, num_samples=4, length=460, mesh=one_device)  # next bucket
     assert sample.TRACE_COUNT - before == 2
 

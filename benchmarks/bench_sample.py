@@ -7,9 +7,10 @@ Model: LSTM(57 -> 128) + Linear(128 -> 57), random weights (speed does not depen
   PyTorch:  nn.LSTM + nn.Linear stepped one char at a time carrying (h, c), one-hot input,
             torch.multinomial on softmax(logits / T), under torch.inference_mode (skipped when
             torch is not installed).
-chars/s counts generated characters only (num_samples x length). Repeats alternate lstm_jax and
-PyTorch so both see the same load from other jobs on a shared host; medians are reported, with
-every run and the load average kept in the JSON.
+chars/s counts generated characters only (num_samples x length). Each of `--repeats` rounds times
+lstm_jax then PyTorch, each called back to back for at least `--min-round` seconds (so a 4 ms
+batch-1 call is timed ~50 times per round), so both see the same load from other jobs on a shared
+host; medians over all calls are reported, with every call time and the load average in the JSON.
 
     flock /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py     # ~3 min on 2 cores
     python benchmarks/bench_sample.py --batches 1,64 --repeats 3 --no-torch
@@ -48,19 +49,18 @@ def jax_runner(args):
     sampler = sample.Sampler(model, Vocab())
     seeds = iter(range(1, 10 ** 6))
 
-    def run(batch, **kwargs):
+    def run(batch, length, **kwargs):
         t0 = time.perf_counter()
-        out = sampler.generate(batch, args.length, temperature=TEMPERATURES, seed=next(seeds),
-                               **kwargs)
+        out = sampler.generate(batch, length, temperature=TEMPERATURES, seed=next(seeds), **kwargs)
         elapsed = time.perf_counter() - t0
-        assert len(out.texts) == batch and len(out.texts[-1]) == args.length
+        assert len(out.texts) == batch and len(out.texts[-1]) == length
         return elapsed
 
     return run, {"devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
                  "platform": jax.devices()[0].platform}
 
 
-def torch_runner(args):
+def torch_runner():
     try:
         import torch
     except ImportError:
@@ -69,12 +69,12 @@ def torch_runner(args):
     lstm, head = torch.nn.LSTM(VOCAB, HIDDEN, batch_first=True), torch.nn.Linear(HIDDEN, VOCAB)
 
     @torch.inference_mode()
-    def run(batch, temperature=1.0):
+    def run(batch, length, temperature=1.0):
         t0 = time.perf_counter()
         x = torch.zeros(batch, 1, VOCAB)
         x[:, 0, 0] = 1.0
         state, out = None, []
-        for _ in range(args.length):
+        for _ in range(length):
             y, state = lstm(x, state)
             probs = torch.softmax(head(y[:, 0]) / temperature, dim=-1)
             idx = torch.multinomial(probs, 1)
@@ -88,45 +88,59 @@ def torch_runner(args):
 
 def bench(args) -> dict:
     jax_run, jax_info = jax_runner(args)
-    torch_run, torch_info = (None, {}) if args.no_torch else torch_runner(args)
+    torch_run, torch_info = (None, {}) if args.no_torch else torch_runner()
     rows = []
     cases = [dict(batch=b) for b in args.batches]
-    cases += [dict(batch=1024, top_k=5, top_p=0.9, note="top-k 5 + top-p 0.9"),
-              dict(batch=4096, chunk_size=4096, note="one chunk of 4,096 rows")]
+    if args.extras:
+        cases += [dict(batch=1024, top_k=5, top_p=0.9, note="top-k 5 + top-p 0.9"),
+                  dict(batch=4096, chunk_size=4096, note="one chunk of 4,096 rows"),
+                  dict(batch=256, length=100, context="window", window=60, repeats=2,
+                       note="seed's window mode: the LSTM re-run over the last 60 chars per char")]
     for case in cases:
-        batch, kwargs = case["batch"], {k: v for k, v in case.items() if k not in ("batch", "note")}
-        chars = batch * args.length
-        first = jax_run(batch, **kwargs)
+        batch, length = case["batch"], case.get("length", args.length)
+        kwargs = {k: v for k, v in case.items() if k not in ("batch", "length", "note", "repeats")}
+        chars = batch * length
+        first = jax_run(batch, length, **kwargs)
         jax_times, torch_times = [], []
         if torch_run is not None and not kwargs:
-            torch_run(batch)  # warm-up
-        for _ in range(args.repeats):
-            jax_times.append(jax_run(batch, **kwargs))
+            torch_run(batch, length)  # warm-up
+        for _ in range(case.get("repeats", args.repeats)):
+            jax_times += _round(lambda: jax_run(batch, length, **kwargs), args.min_round)
             if torch_run is not None and not kwargs:
-                torch_times.append(torch_run(batch))
+                torch_times += _round(lambda: torch_run(batch, length), args.min_round)
         steady = statistics.median(jax_times)
-        row = {"batch": batch, "length": args.length, **kwargs,
+        row = {"batch": batch, "length": length, **kwargs,
                "jax_chars_per_s": round(chars / steady),
                "jax_first_call_s": round(first, 3),
                "jax_compile_s": round(max(first - steady, 0.0), 3),
-               "jax_runs_s": [round(t, 4) for t in jax_times]}
+               "jax_calls": len(jax_times), "jax_runs_s": [round(t, 4) for t in jax_times]}
         if "note" in case:
             row["note"] = case["note"]
         if torch_times:
             row["torch_chars_per_s"] = round(chars / statistics.median(torch_times))
+            row["torch_calls"] = len(torch_times)
             row["torch_runs_s"] = [round(t, 4) for t in torch_times]
             row["speedup"] = round(row["jax_chars_per_s"] / row["torch_chars_per_s"], 2)
             if batch in TARGETS:
                 row["target_speedup"] = TARGETS[batch]
                 row["target_met"] = row["speedup"] >= TARGETS[batch]
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs_s")}), flush=True)
     return {"benchmark": "sample", "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "model": {"vocab": VOCAB, "hidden": HIDDEN, "layers": 1},
             "temperatures_jax": TEMPERATURES, "temperature_torch": 1.0, "repeats": args.repeats,
+            "min_round_s": args.min_round,
             "host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                      "load_avg_1min": round(os.getloadavg()[0], 2), **jax_info, **torch_info},
             "versions": _versions(), "rows": rows}
+
+
+def _round(call, min_seconds: float) -> list[float]:
+    """Times `call()` back to back until `min_seconds` have passed (at least once)."""
+    times = []
+    while sum(times) < min_seconds or not times:
+        times.append(call())
+    return times
 
 
 def _cpu_name() -> str:
@@ -180,8 +194,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", default="1,64,1024,4096")
     parser.add_argument("--length", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds, alternating the libraries")
+    parser.add_argument("--min-round", type=float, default=0.25,
+                        help="seconds of back-to-back calls per library and round")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    parser.add_argument("--no-extras", dest="extras", action="store_false",
+                        help="skip the top-k/top-p, single-chunk and window-mode rows")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sample_cpu.json"))
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

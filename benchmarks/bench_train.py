@@ -371,7 +371,7 @@ def plot(table: dict, path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = list(table)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(6.4, 4.2 * len(keys)), 4.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         t = table[key]
         names = list(t["values"])
@@ -389,7 +389,7 @@ def plot(table: dict, path: pathlib.Path, title: str) -> None:
         for i, n in enumerate(names):
             ax.text(vals[i], i, f" {t['values'][n]:,.0f}", va="center", fontsize=7)
         ax.set_title(key.replace("/", "\n", 1), fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -443,6 +443,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", default=str(RESULTS / "train_cpu.json"))
     ap.add_argument("--fresh", action="store_true", help="do not merge with an existing JSON")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNGs from the JSON")
+    ap.add_argument("--tag", default="", help="store the runs as '<workload>:<tag>' (keeps the "
+                                              "main per-workload entries)")
     args = ap.parse_args(argv)
 
     if args.worker:
@@ -456,6 +459,21 @@ def main(argv=None) -> int:
 
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        record = json.loads(out.read_text())
+        peak = (record.get("gemm_peak_gflops") or {}).get("max")
+        for key, run in record["runs"].items():
+            if key.startswith("grid"):
+                continue
+            wname, _, tag = key.partition(":")
+            plot(run["summary"], out.parent / f"train_cpu_{wname}{'_' + tag if tag else ''}.png",
+                 f"{key}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
+                 f"{record['host']['cpu_count']} cores (median of {run['repeats']} interleaved "
+                 f"repeats, {run['time']})")
+        grid_rows = [r for k, v in record["runs"].items() if k.startswith("grid") for r in v["rows"]]
+        if grid_rows:
+            plot_grid(grid_rows, out.parent / "train_cpu_grid.png", peak)
+        return 0
     record = {}
     if out.exists() and not args.fresh:
         record = json.loads(out.read_text())
@@ -481,7 +499,8 @@ def main(argv=None) -> int:
         peak_val = (record.get("gemm_peak_gflops") or {}).get("max")
         table = summarize(rows, peak_val)
         print_table(table)
-        runs[wname] = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+        key = f"{wname}:{args.tag}" if args.tag else wname
+        runs[key] = {"time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
                        "command": " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]),
                        "repeats": args.repeats, "min_time_s": args.min_time,
                        "load_avg_after": os.getloadavg(), "errors": errors,
@@ -496,7 +515,7 @@ def main(argv=None) -> int:
             plot_grid([r for k, v in runs.items() if k.startswith("grid") for r in v["rows"]],
                       out.parent / "train_cpu_grid.png", peak_val)
         else:
-            plot(table, out.parent / f"train_cpu_{wname}.png",
+            plot(table, out.parent / f"train_cpu_{wname}{'_' + args.tag if args.tag else ''}.png",
                  f"{wname}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
                  f"{record['host']['cpu_count']} cores (median of {args.repeats} interleaved repeats)")
     print(f"\nwrote {out}", file=sys.stderr)

@@ -1,26 +1,38 @@
 """Host (CPU) settings that make LSTM training fast on a CPU host; all safe on GPU/TPU hosts.
 
-Three independent knobs, each applied to *this* process only:
+Independent knobs, each applied to *this* process only, none of which initialises JAX:
 
 * `tune_cpu_allocator()`: glibc `mallopt` through ctypes. XLA's CPU runtime frees and re-allocates
-  its big temporaries every step; with glibc's defaults every buffer above the (dynamic) mmap
-  threshold is a fresh `mmap` + page faults + `munmap`, and freed heap tops are trimmed back to the
-  kernel. Keeping them on the heap makes the same memory come back warm. Call it as early as
-  possible (before JAX allocates anything big); calling later still helps from then on.
-* `configure_cpu_devices(n)`: `jax_num_cpu_devices = n` (default: the core count), so a CPU host
-  shows one JAX device per core and a data-parallel step (batch split over the 'data' mesh axis)
-  uses every core. One XLA CPU device runs these small (B, H) x (H, 4H) ops on one core. Must run
-  before JAX initialises its backends (before the first array or `jax.devices()` call).
-* `cpu_xla_flags(...)`: optional XLA CPU flags (e.g. `--xla_cpu_max_isa=...`), to be put in
-  `XLA_FLAGS` before JAX is imported.
+  its big temporaries (MBs) every step; with glibc's defaults they are fresh `mmap`s (page faults,
+  `munmap`) or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm.
+  Seed model (H=128, B=128, T=60, window objective), one CPU device, same run: 1,735 -> 2,463
+  samples/s (+42%). With one device per core the per-device buffers are half as big and it made no
+  difference (3,092 untuned vs 3,021 tuned, within noise). Only the pair matters: M_MMAP_MAX=0
+  alone (2,098) or M_TRIM_THRESHOLD alone (2,132) were *slower* than neither (3,087) on 2 devices;
+  M_ARENA_MAX=1 was neutral (1 device: 2,448 without it vs 2,462 with it).
+  Apply before JAX allocates anything big; `allocator_env()` gives the same settings as MALLOC_*
+  environment variables for a child process (e.g. a PyTorch baseline).
+* `configure_cpu_devices(n)`: `jax_num_cpu_devices = n` (default: the core count) so a CPU host
+  shows one JAX device per core and a data-parallel step (batch split over a 'data' mesh) uses
+  every core; with n > 1 also single-threaded devices (`--xla_cpu_multi_thread_eigen=false`) and
+  an XLA:CPU thread pool of 2 threads per device (PJRT_NPROC), which avoids the in-process
+  all-reduce hang. Seed model, custom VJP + malloc tuning: 2,463 -> 3,021 samples/s on 2 cores.
+  Pays off for small hidden sizes only (`recommended_cpu_devices`). Must run before JAX
+  initialises its backends (the first array, computation or `jax.devices()` call).
+* `cpu_xla_flags(max_isa=...)`: optional XLA CPU flags, e.g. `--xla_cpu_max_isa=AVX512_BF16`
+  where the CPU exposes native bf16 dot instructions (`cpu_has_native_bf16()`); on this project's
+  VM (Zen 4 host, AVX-512 hidden by the hypervisor: AVX2 only) bf16 matmuls are emulated and
+  slower (seed model on 2 devices: 2,302 vs 3,008 samples/s f32).
 
-Measured numbers are in the docstrings of each function and in benchmarks/results/train_cpu.json.
-Typical start-up order in a CLI:
+Start-up order in a CLI (before anything touches JAX arrays):
 
-    from lstm_jax import hostenv          # imports nothing heavy; does not initialise JAX
+    from lstm_jax import hostenv
     hostenv.tune_cpu_allocator()
-    hostenv.configure_cpu_devices()       # before any JAX computation
-    import jax ...                        # then build mesh, model, train
+    hostenv.configure_cpu_devices(hostenv.recommended_cpu_devices(hidden_size, batch_size))
+    ...                                   # then build mesh, model, train
+
+Numbers: benchmarks/bench_train.py, benchmarks/results/train_cpu.json (2-core VM shared with other
+jobs; medians of interleaved repeats).
 """
 from __future__ import annotations
 
@@ -100,8 +112,8 @@ def tune_cpu_allocator(settings: Optional[dict[str, int]] = None) -> dict[str, i
     only host-side malloc (the same memory is kept for reuse instead of returned to the kernel, so
     the resident set stays at the peak of the step instead of dropping between steps).
 
-    Measured (2-core Zen 4 VM, seed model H=128 B=128 T=60, custom-VJP step on 1 CPU device;
-    benchmarks/results/train_cpu.json has the same-run table): see MEASURED_ALLOCATOR below.
+    Measured (2-core VM, seed model H=128 B=128 T=60, custom-VJP step): +42% on one CPU device,
+    neutral with one device per core; see the module docstring.
     """
     if os.environ.get("LSTM_JAX_NO_MALLOC_TUNING", "") not in ("", "0"):
         return {}
@@ -198,7 +210,7 @@ def configure_cpu_devices(n: Optional[int] = None, *,
     (unless XLA_FLAGS already names it): each device then runs its thunks on its own thread instead
     of all devices sharing one intra-op pool of `cores` threads. That is faster (less
     oversubscription) and, in our soak tests, stopped the occasional in-process all-reduce hang
-    ("Expected 2 threads to join the rendezvous") seen with the shared pool; see MEASURED below.
+    ("Expected 2 threads to join the rendezvous") seen with the shared pool: see below.
 
     What it buys: a data-parallel train step (batch split over the devices) runs each half's small
     (B/n, H) x (H, 4H) matmuls and elementwise loops on its own core; one XLA CPU device runs these
@@ -235,6 +247,26 @@ def configure_cpu_devices(n: Optional[int] = None, *,
         if single_threaded_devices:
             _add_xla_flag("--xla_cpu_multi_thread_eigen=false")
     return n
+
+
+# Largest hidden size for which one CPU device per core beat one multi-threaded device in the
+# size grid (benchmarks/results/train_cpu.json, "grid1": sequence objective, B=64, T=50, 2 cores):
+# H=128: 2 devices 1.27x one device; H=256: 0.96x; H=512: 0.84x; H=1024: 0.58x.
+PER_CORE_DEVICES_MAX_HIDDEN = 192
+
+
+def recommended_cpu_devices(hidden_size: int, batch_size: int = 128) -> int:
+    """How many CPU devices `configure_cpu_devices` should make for this model on this host.
+
+    One per core for small LSTMs, whose per-step matmuls are too small to use several cores from
+    one device; one (multi-threaded) device for large ones, whose GEMMs already use every core and
+    which lose more to the smaller per-device batch than they gain. Also one device when the batch
+    does not split evenly over the cores (the data-parallel step needs it to).
+    """
+    cores = cpu_count()
+    if cores < 2 or hidden_size > PER_CORE_DEVICES_MAX_HIDDEN or batch_size % cores:
+        return 1
+    return cores
 
 
 def cpu_xla_flags(max_isa: Optional[str] = None, extra: tuple[str, ...] = ()) -> str:

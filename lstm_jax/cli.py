@@ -82,12 +82,21 @@ def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
     return f"{e}\n  (lstm-jax COMMAND --help lists every flag)"
 
 
+def _cpu_device_count(config) -> int:
+    """`parallel.cpu_devices` as a count: 0 = what suits this model on this host, -1 = one per core."""
+    if config.parallel.cpu_devices > 0:
+        return config.parallel.cpu_devices
+    if config.parallel.cpu_devices < 0:
+        return hostenv.cpu_count()
+    micro_batch = config.batch_size // max(config.grad_accum_steps, 1)
+    return hostenv.recommended_cpu_devices(config.model.hidden_size, micro_batch)
+
+
 def _host_setup(config) -> None:
     """Fast CPU settings and multi-host start-up; must run before JAX computes anything."""
     if config.parallel.tune_allocator:
         hostenv.tune_cpu_allocator()
-    if config.parallel.cpu_devices != 0:
-        hostenv.configure_cpu_devices(None if config.parallel.cpu_devices < 0 else config.parallel.cpu_devices)
+    hostenv.configure_cpu_devices(_cpu_device_count(config))
     if config.parallel.distributed:
         from lstm_jax import parallel
         parallel.initialize_distributed(config.parallel.coordinator_address,

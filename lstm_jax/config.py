@@ -73,8 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"           # mesh (jit over a ('data',) mesh) | pmap
     c.parallel.num_devices = 0         # devices in the mesh; 0 = all devices of all processes
-    c.parallel.cpu_devices = 0         # CPU hosts: 0 = leave as is (1 device); -1 = one per core
-                                       # (faster, but XLA:CPU collectives can deadlock: see README)
+    c.parallel.cpu_devices = 0         # CPU hosts: 0 = auto (one per core for hidden <= 192, else
+                                       # one; hostenv.recommended_cpu_devices); -1 = one per core; n
     c.parallel.tune_allocator = True   # glibc malloc settings that stop XLA re-mapping temporaries
     c.parallel.distributed = False     # call jax.distributed.initialize (multi-host)
     c.parallel.coordinator_address = ""  # host:port of process 0 ('' = auto-detect, TPU/SLURM)

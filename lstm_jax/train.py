@@ -267,6 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     steps_per_epoch = batcher.steps_per_epoch
     horizon = steps_per_epoch * config.num_epochs
     total_steps = min(horizon, config.max_steps) if config.max_steps else horizon
+    if is_main:
+        print(f"{mesh.devices.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+              f"process(es), batch {batch}, {steps_per_epoch} steps/epoch, {total_steps} steps")
 
     workdir.mkdir(parents=True, exist_ok=True)   # only now: bad input above writes nothing
     mcfg = model_config(config, len(vocab))

@@ -7,6 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two XLA:CPU pool threads per fake device: with one per device the in-process all-reduce can
+# starve and abort (see lstm_jax.hostenv.configure_cpu_devices).
+os.environ.setdefault("PJRT_NPROC", "16")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -4,8 +4,7 @@
 
 Runs `lstm-jax train TRAIN_FLAGS --config.parallel.distributed=True ...` as process PROCESS_ID of
 NUM_PROCESSES, with LOCAL_DEVICES fake CPU devices, the coordinator on 127.0.0.1:PORT. The device
-count comes from XLA_FLAGS (set here, before JAX is imported), so `parallel.cpu_devices=0` keeps the
-CLI from changing it.
+count comes from XLA_FLAGS (set here, before JAX is imported); the CLI leaves a forced count alone.
 """
 import os
 import pathlib

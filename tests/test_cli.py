@@ -119,3 +119,19 @@ def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "lstm_jax.cli", "--help"], capture_output=True,
                          text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+@pytest.mark.parametrize("cpu_devices,hidden,batch,accum,expected", [
+    (0, 128, 128, 1, 2),    # auto, small model: one device per core
+    (0, 256, 128, 1, 1),    # auto, larger model: one multi-threaded device
+    (0, 128, 130, 2, 1),    # auto, micro-batch 65 does not split over 2 cores
+    (-1, 512, 128, 1, 2),   # one per core, whatever the model
+    (3, 128, 128, 1, 3),    # explicit
+])
+def test_cpu_device_count(monkeypatch, cpu_devices, hidden, batch, accum, expected):
+    from lstm_jax import config as config_lib, hostenv
+    monkeypatch.setattr(hostenv, "cpu_count", lambda: 2)
+    c = config_lib.get_config()
+    c.parallel.cpu_devices, c.model.hidden_size, c.batch_size, c.grad_accum_steps = (
+        cpu_devices, hidden, batch, accum)
+    assert cli._cpu_device_count(c) == expected

@@ -204,6 +204,41 @@ def test_two_cpu_devices_data_parallel():
         assert err < 1e-5, (name, errs)
 
 
+_SOAK_SCRIPT = textwrap.dedent("""
+    import sys, jax, numpy as np
+    from lstm_jax import hostenv
+    assert hostenv.configure_cpu_devices(2) == 2
+    from lstm_jax import parallel, train
+    from lstm_jax.config import get_config
+    c = get_config(); c.model.hidden_size, c.seq_len, c.batch_size = 64, 32, 32
+    mesh = parallel.make_mesh()
+    tx = train.make_optimizer(c, 1000)
+    graphdef, state = train.init_state(c, train.model_config(c, 50), tx, mesh)
+    step = train.make_train_step(graphdef, tx, c)
+    rng, key = np.random.default_rng(0), jax.random.key(0)
+    batches = [parallel.to_global(rng.integers(0, 50, (32, 33)).astype(np.int32), mesh)
+               for _ in range(4)]
+    for i in range(int(sys.argv[1])):   # async dispatch: up to 500 steps in flight
+        state, metrics = step(state, batches[i % 4], key)
+        if i % 500 == 0:
+            jax.device_get(metrics)
+    print(float(jax.device_get(metrics["loss"])))
+""")
+
+
+@pytest.mark.slow
+def test_two_cpu_devices_soak_does_not_hang():
+    """3,000 all-reducing train steps on two CPU devices set up by configure_cpu_devices. With
+    XLA:CPU's default pool (one thread per device) this aborted within ~500 steps ("Expected 2
+    threads to join the rendezvous"); two threads per device (PJRT_NPROC) fixed it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC", "NPROC")}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", _SOAK_SCRIPT, "3000"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.isfinite(float(proc.stdout.strip().splitlines()[-1]))
+
+
 # --- hostenv (the CPU host settings the benchmarks and `lstm-jax train` use) --------------------
 
 def test_tune_cpu_allocator_reports_what_it_applied():

@@ -1,0 +1,138 @@
+"""Where the train step's time goes: a jax.profiler trace of the seed model's step, summed per XLA op.
+
+Runs the project's train step (lstm_jax.train.make_train_step, the CLI's host settings) for the seed
+model (LSTM(128), vocab 57, B=128, T=60, window objective unless --objective), traces `--steps`
+steps with `jax.profiler.trace(create_perfetto_trace=True)`, and sums the XLA:CPU thunk events by
+name. Each op is put in a group: the per-timestep matmuls inside the time loops (forward h @ W_hh,
+backward dgates @ W_hh.T), the one weight-gradient GEMM after the loop, the elementwise gate work
+inside the loops, the gradient all-reduce, and the rest. Times are summed over devices (with 2
+devices on 2 cores, a group's wall share is about its sum / 2).
+
+    python benchmarks/profile_step.py --devices 1
+    python benchmarks/profile_step.py --devices 2 --out benchmarks/results/profile_cpu_2dev.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import re
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", type=int, default=1, help="CPU devices (one per core: 2)")
+    ap.add_argument("--objective", default="window", choices=["window", "sequence"])
+    ap.add_argument("--steps", type=int, default=20, help="traced steps")
+    ap.add_argument("--top", type=int, default=25, help="ops listed by name")
+    ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    args = ap.parse_args()
+
+    from lstm_jax import hostenv
+    hostenv.tune_cpu_allocator()
+    hostenv.configure_cpu_devices(args.devices)
+    import jax
+    import numpy as np
+    from lstm_jax import parallel, train
+    from lstm_jax.config import load_config_file
+
+    config = load_config_file(str(ROOT / "configs" / "nietzsche_keras.py"))
+    config.objective = args.objective
+    mesh = parallel.make_mesh()
+    tx = train.make_optimizer(config, 1000)
+    graphdef, state = train.init_state(config, train.model_config(config, 57), tx, mesh)
+    step = train.make_train_step(graphdef, tx, config)
+    rows = np.random.default_rng(0).integers(0, 57, (config.batch_size, config.seq_len + 1))
+    batch, key = parallel.to_global(rows.astype(np.int32), mesh), jax.random.key(0)
+    hlo = step.lower(state, batch, key).compile().as_text()
+    for _ in range(10):
+        state, _ = step(state, batch, key)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, _ = step(state, batch, key)
+    jax.block_until_ready(state)
+    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                state, _ = step(state, batch, key)
+            jax.block_until_ready(state)
+        trace = sorted(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True))[-1]
+        events = json.load(gzip.open(trace))["traceEvents"]
+
+    per_op = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("ph") == "X" and _is_xla_op(e["name"]):
+            per_op[e["name"]][0] += e["dur"] / 1e3 / args.steps
+            per_op[e["name"]][1] += 1 / args.steps
+    groups = collections.defaultdict(float)
+    ops = []
+    for name, (ms, calls) in sorted(per_op.items(), key=lambda kv: -kv[1][0]):
+        group = _group(name, calls, hlo, config.seq_len)
+        if not name.startswith("while"):   # a loop's time is the sum of the ops inside it
+            groups[group] += ms
+        ops.append({"op": name, "ms_per_step": round(ms, 3), "calls_per_step": round(calls, 1),
+                    "group": group})
+    result = {
+        "benchmark": "profile_step", "command": " ".join(sys.argv),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": {"hidden": 128, "vocab": 57, "batch": config.batch_size, "seq": config.seq_len,
+                  "objective": args.objective},
+        "devices": jax.device_count(), "step_ms_untraced": round(step_ms, 2),
+        "samples_per_s_untraced": round(config.batch_size / step_ms * 1e3),
+        "note": "ms per step summed over devices (2 devices on 2 cores run concurrently)",
+        "groups_ms_per_step": {g: round(v, 2) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        "ops": ops[:args.top],
+    }
+    print(f"{jax.device_count()} device(s): {step_ms:.2f} ms/step untraced "
+          f"({result['samples_per_s_untraced']} samples/s)")
+    for g, v in result["groups_ms_per_step"].items():
+        print(f"  {v:8.2f} ms  {g}")
+    for op in result["ops"]:
+        print(f"    {op['ms_per_step']:8.3f} ms {op['calls_per_step']:6.1f}x  {op['op']}  [{op['group']}]")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+        print("wrote", args.out)
+
+
+def _is_xla_op(name: str) -> bool:
+    """Thunk-level XLA ops (fusions, dots, copies, collectives), not runtime/Python scopes."""
+    if name.startswith(("$", "Thunk", "Pjit", "Common", "[", "Wait", "Slinky", "Rendezvous")):
+        return False
+    return re.fullmatch(r"[\w.\-]+", name) is not None and " " not in name
+
+
+def _group(name: str, calls: float, hlo: str, seq_len: int) -> str:
+    in_loop = calls >= seq_len - 0.5       # runs once per timestep (per device)
+    if name.startswith("while"):
+        return "while loop thunk (its inner ops are listed separately; not summed)"
+    if name.startswith("all-reduce"):
+        return "gradient all-reduce (incl. waiting for the other device)"
+    is_dot = name.startswith(("ynn_fusion", "dot", "xnn_fusion")) and _is_dot(name, hlo)
+    if is_dot and in_loop:
+        return "per-timestep matmuls (inside loops)"
+    if is_dot:
+        return "matmuls outside the loops (weight-gradient GEMM, head)"
+    if in_loop:
+        return "elementwise / slicing inside loops"
+    return "other (loss, optimizer, scatter, copies)"
+
+
+def _is_dot(name: str, hlo: str) -> bool:
+    m = re.search(rf"%{re.escape(name)} = [^\n]*", hlo)
+    return bool(m and "dot_general" in m.group(0)) or name.startswith("dot")
+
+
+if __name__ == "__main__":
+    main()

@@ -395,6 +395,10 @@ def plot(table: dict, path: pathlib.Path, title: str) -> None:
     plt.close(fig)
 
 
+def cpu_count_label() -> str:
+    return f"{os.cpu_count()} cores"
+
+
 def plot_grid(rows: list[dict], path: pathlib.Path, peak: float | None) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -413,7 +417,9 @@ def plot_grid(rows: list[dict], path: pathlib.Path, peak: float | None) -> None:
     ax.set_xlabel("hidden size")
     ax.set_ylabel("achieved model GFLOP/s")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("sequence objective, B=64, T=100")
+    shapes = {(r["workload"]["batch"], r["workload"]["seq"]) for r in rows if "workload" in r}
+    ax.set_title("sequence objective, " + ", ".join(f"B={b}, T={t}" for b, t in sorted(shapes))
+                 + f", {cpu_count_label()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -174,10 +174,12 @@ def _backward(kernel_rec_Hx4H, saved, d_carry, d_hs_TxBxH, dtype, unroll):
         tc = jnp.tanh(c)
         dh = dh_out + dh_next
         dc = dc_next + dh * o_g * (1.0 - tc * tc)
-        # d loss / d activation for (i, f, g, o), then through the nonlinearity in one pass.
-        # (A select-over-gate-axis form without the concatenate fuses into one loop but
-        # recomputes dc per gate and ran 35% slower in XLA:CPU.)
-        d_act = jnp.concatenate([dc * g, dc * c_prev, dc * i_g, dh * tc], axis=-1)
+        # d loss / d activation for (i, f, g, o), then through the nonlinearity in one pass:
+        # [dc, dc, dc, dh] * [g, c_prev, i, tanh(c)]. As the product of two concatenates XLA:CPU
+        # computes dc once; concatenating the four products instead made it recompute dc in four
+        # fusions (seed model 8-11% slower; a select over the gate axis was 35% slower).
+        d_act = (jnp.concatenate([dc, dc, dc, dh], axis=-1)
+                 * jnp.concatenate([g, c_prev, i_g, tc], axis=-1))
         dgates = d_act * (q * (1.0 - t * t))
         dh_prev = jnp.dot(dgates.astype(dtype), kernel_t, preferred_element_type=jnp.float32)
         live = i >= 0

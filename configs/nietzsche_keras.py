@@ -8,7 +8,7 @@ it), and each epoch drops the final partial batch.
 Command:  lstm-jax train --config configs/nietzsche_keras.py --workdir runs/nz_keras
 Expected (2-core CPU): mean training loss 2.036-2.054 after epoch 1 and 1.652-1.665 after epoch 2
 (seeds 0-2; Keras on the same machine: 2.0465, 1.6548), 1.493 after epoch 4 (the book: 1.4973);
-80-90 s per epoch (Keras: 86-90 s). Like the seed, expect divergence near epoch 56 (no clipping).
+54 s per epoch on 2 CPU devices (Keras: 86-90 s). Like the seed, expect divergence near epoch 56 (no clipping).
 """
 from lstm_jax.config import get_config as _base
 

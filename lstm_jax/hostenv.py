@@ -14,9 +14,9 @@ Independent knobs, each applied to *this* process only, none of which initialise
   environment variables for a child process (e.g. a PyTorch baseline).
 * `configure_cpu_devices(n)`: `jax_num_cpu_devices = n` (default: the core count) so a CPU host
   shows one JAX device per core and a data-parallel step (batch split over a 'data' mesh) uses
-  every core; with n > 1 also single-threaded devices (`--xla_cpu_multi_thread_eigen=false`) and
-  an XLA:CPU thread pool of 2 threads per device (PJRT_NPROC), which avoids the in-process
-  all-reduce hang. Seed model, custom VJP + malloc tuning: 2,463 -> 3,021 samples/s on 2 cores.
+  every core; with n > 1 also an XLA:CPU thread pool of 2 threads per device (PJRT_NPROC), which
+  avoids the in-process all-reduce hang, and single-threaded devices. Seed model, malloc tuned:
+  3,113 -> 3,837 samples/s on 2 cores (benchmarks/results/train_cpu.json).
   Pays off for small hidden sizes only (`recommended_cpu_devices`). Must run before JAX
   initialises its backends (the first array, computation or `jax.devices()` call).
 * `cpu_xla_flags(max_isa=...)`: optional XLA CPU flags, e.g. `--xla_cpu_max_isa=AVX512_BF16`
@@ -206,11 +206,11 @@ def configure_cpu_devices(n: Optional[int] = None, *,
     the default backend will not be the CPU (`default_backend_is_cpu()`), so GPU/TPU hosts are
     unaffected.
 
-    With n > 1 and `single_threaded_devices`, also sets `--xla_cpu_multi_thread_eigen=false`
-    (unless XLA_FLAGS already names it): each device then runs its thunks on its own thread instead
-    of all devices sharing one intra-op pool of `cores` threads. That is faster (less
-    oversubscription) and, in our soak tests, stopped the occasional in-process all-reduce hang
-    ("Expected 2 threads to join the rendezvous") seen with the shared pool: see below.
+    With n > 1 it gives XLA:CPU's thread pool two threads per device (`PJRT_NPROC`, unless set):
+    with one per device the in-process all-reduce aborts within a few hundred steps ("Expected 2
+    threads to join the rendezvous"); see the comment in the body. With `single_threaded_devices`
+    it also sets `--xla_cpu_multi_thread_eigen=false` (unless XLA_FLAGS names it), so each device's
+    matmuls run on its own thread (less oversubscription); that flag alone does not stop the hang.
 
     What it buys: a data-parallel train step (batch split over the devices) runs each half's small
     (B/n, H) x (H, 4H) matmuls and elementwise loops on its own core; one XLA CPU device runs these
@@ -241,7 +241,8 @@ def configure_cpu_devices(n: Optional[int] = None, *,
         # max(cores, devices) threads; a device blocked in an all-reduce holds a thread while its
         # peer may need threads to get there. With 2 devices on 2 cores the step aborted within
         # 500 steps ("Expected 2 threads to join the rendezvous") with pools of 2 and 3 threads,
-        # and ran 37,500 steps without a hang with 4 (= 2 per device).
+        # and ran 20,000+ steps without a hang with 4 (= 2 per device), --xla_cpu_multi_thread_eigen
+        # on or off (tests/test_recurrence.py::test_two_cpu_devices_soak_does_not_hang).
         if not (os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")):
             os.environ["PJRT_NPROC"] = str(max(cpu_count(), MIN_POOL_THREADS_PER_DEVICE * n))
         if single_threaded_devices:

@@ -235,9 +235,9 @@ def lstm_scan_custom_vjp(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, ca
     Forward: the same recurrence (all four gates from one tanh over the contiguous (B, 4H) block,
     sigmoid(x) = (tanh(x/2) + 1) / 2), saving t = tanh(gates'), h_0..h_T and c_0..c_T. Backward:
     one reverse loop doing only `dgates @ W_hh.T` and the elementwise gate derivatives, writing
-    d gates over t in place; then the weight gradient as one (H, T*B) x
-    (T*B, 4H) GEMM after the loop (jax.grad of the scan instead accumulates dW_hh with one small
-    GEMM per step inside the loop). Gradients flow to `xproj`, `kernel_rec` and the initial carry, so stacked layers and
+    d gates over t in place; then the weight gradient as one (H, T*B) x (T*B, 4H) GEMM after the
+    loop (jax.grad of the scan instead accumulates dW_hh with one small GEMM per step inside the
+    loop). Gradients flow to `xproj`, `kernel_rec` and the initial carry, so stacked layers and
     stateful (carried-over) training work. `dtype` is the compute dtype of the three matmuls,
     always accumulated in float32; carries and gate math stay float32.
 

@@ -51,6 +51,8 @@ def _draw(logits_BxV, u_B, temperature_B, top_k, top_p):
     The CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn.
     """
     t_B = jnp.where(temperature_B == 0, 1.0, temperature_B)
+    # The filter branch recomputes the probabilities from the logits: handing it `probs` stacked
+    # would materialise a (V, B) array on every step, also when no filter is set (the default).
     keep_VxB = jax.lax.cond((top_k > 0) | (top_p < 1), _top_k_top_p,
                             lambda l, t, k, p: jnp.ones(l.shape[::-1], bool), logits_BxV, t_B, top_k, top_p)
     probs, argmax_B = _probs(logits_BxV, t_B)

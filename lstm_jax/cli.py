@@ -183,7 +183,8 @@ def prepare(argv: Sequence[str]) -> int:
     from lstm_jax import corpora, data
     text = _friendly(lambda: corpora.load_text(config.corpus, lowercase=config.lowercase,
                                                errors=config.encoding_errors))
-    vocab = data.prepare(text, fv["out"].value, config.val_fraction)
+    vocab = data.prepare(text, fv["out"].value, config.val_fraction,
+                         vocab=data.Vocab.from_text(text, kind=config.vocab))
     print(f"prepared {len(text):,} chars, vocab {len(vocab)}, in {fv['out'].value}; "
           f"train with --config.corpus=prepared:{fv['out'].value}")
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
 import pathlib
 from typing import Any, Iterable
 
@@ -15,7 +16,7 @@ import ml_collections
 # Fields that fix parameter shapes or the forward computation: a workdir whose saved config differs
 # in any of these cannot be resumed (see checkpoint.check_compatible).
 MODEL_FIELDS = ("model.hidden_size", "model.num_layers", "model.keras_init", "model.dtype",
-                "model.param_dtype", "corpus", "lowercase")
+                "model.param_dtype", "corpus", "lowercase", "vocab")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.corpus = "builtin"           # builtin | nietzsche | PATH or GLOB | tfds:NAME[:split] | prepared:DIR
     c.lowercase = False            # the seed lowercases its corpus
     c.encoding_errors = "strict"   # how undecodable bytes are handled: strict | replace | ignore
+    c.vocab = "chars"              # chars (sorted distinct characters) | bytes (UTF-8 bytes, V = 256)
     c.val_fraction = 0.05          # held-out tail of the corpus used for validation
     c.objective = "sequence"       # window (seed: loss on the char after each window) | sequence
     c.seq_len = 64                 # window length (seed: 60) or chunk length T for `sequence`
@@ -40,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
     c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays f32)
     c.model.param_dtype = "float32"
-    c.model.backward = "custom"    # custom (hand BPTT, faster) | autodiff (jax.grad of the scan)
+    c.model.backward = "custom"    # custom (hand BPTT) | autodiff (jax.grad of the scan) | cudnn (GPU)
     # --- optimisation ---------------------------------------------------------------------------
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 0.01   # Keras RMSprop default
@@ -122,6 +124,12 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and the fix for anything that cannot run."""
     check_fields(config)
+    for name, value in flat_items(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(value, (tuple, list)) and any(isinstance(v, float) and not math.isfinite(v)
+                                                     for v in value):
+            raise ValueError(f"{name} must hold finite numbers, got {value!r}")
     positive = ["seq_len", "window_step", "num_epochs", "model.hidden_size", "model.num_layers",
                 "log_every", "eval_window", "eval_stride", "eval_max_windows", "grad_accum_steps",
                 "sample.length"]
@@ -146,8 +154,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("optimizer.clip_norm must be >= 0 (0 disables clipping)")
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
-    if config.model.backward not in ("custom", "autodiff"):
-        raise ValueError(f"model.backward must be 'custom' or 'autodiff', got {config.model.backward!r}")
+    if config.model.backward not in ("custom", "autodiff", "cudnn"):
+        raise ValueError(f"model.backward must be 'custom', 'autodiff' or 'cudnn', got {config.model.backward!r}")
+    if config.vocab not in ("chars", "bytes"):
+        raise ValueError(f"vocab must be 'chars' or 'bytes', got {config.vocab!r}")
     if config.parallel.mode not in ("mesh", "pmap"):
         raise ValueError(f"parallel.mode must be 'mesh' or 'pmap', got {config.parallel.mode!r}")
     if config.encoding_errors not in ("strict", "replace", "ignore"):

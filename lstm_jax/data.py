@@ -23,16 +23,61 @@ class DataError(ValueError):
     """A problem with the corpus or batch sizes, with the fix in the message."""
 
 
+# The largest character vocabulary accepted: beyond it the head and the embedding dominate the
+# model, and a byte vocabulary (V = 256) is the better tool.
+MAX_CHAR_VOCAB = 65_536
+VOCAB_KINDS = ("chars", "bytes")
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocab:
-    """Sorted distinct characters (the seed's `sorted(set(text))`), in index order."""
+    """Token table in index order.
+
+    kind="chars" (default): the sorted distinct characters of the corpus (the Keras reference's
+    `sorted(set(text))`); encoding text with a character outside it is an error (or the character
+    is dropped). kind="bytes": the 256 UTF-8 byte values, so any text in any script encodes and
+    nothing is unknown; `chars[i]` is then `chr(i)` (a placeholder: decode token runs with
+    `decode`, which reassembles UTF-8 and replaces invalid sequences, never char by char).
+    """
     chars: tuple[str, ...]
+    kind: str = "chars"
+
+    def __post_init__(self):
+        if self.kind not in VOCAB_KINDS:
+            raise DataError(f"vocabulary kind must be one of {VOCAB_KINDS}, got {self.kind!r}")
+        if self.kind == "bytes":
+            if self.chars != _BYTE_CHARS:
+                raise DataError("a bytes vocabulary has exactly the 256 byte values; build it "
+                                "with Vocab.bytes()")
+            return
+        if not self.chars:
+            raise DataError("a vocabulary needs at least one character")
+        if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
+            bad = next(c for c in self.chars if not isinstance(c, str) or len(c) != 1)
+            raise DataError(f"vocabulary entries must be single characters, got {bad!r}")
+        if any(a >= b for a, b in zip(self.chars, self.chars[1:])):
+            raise DataError("vocabulary characters must be sorted and distinct (index order is "
+                            "code-point order); build it with Vocab.from_text or sorted(set(...))")
+        if len(self.chars) > MAX_CHAR_VOCAB:
+            raise DataError(f"the corpus has {len(self.chars):,} distinct characters, more than "
+                            f"the {MAX_CHAR_VOCAB:,} a character vocabulary allows; use "
+                            f"--config.vocab=bytes (UTF-8 bytes, 256 tokens)")
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocab":
+    def from_text(cls, text: str, kind: str = "chars") -> "Vocab":
+        if kind == "bytes":
+            return cls.bytes()
         if not text:
             raise DataError("cannot build a vocabulary from an empty corpus; check the corpus source")
         return cls(tuple(sorted(set(text))))
+
+    @classmethod
+    def bytes(cls) -> "Vocab":
+        return cls(_BYTE_CHARS, kind="bytes")
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.kind == "bytes"
 
     def __len__(self) -> int:
         return len(self.chars)
@@ -42,42 +87,55 @@ class Vocab:
         """Smallest unsigned integer dtype that holds every index."""
         return np.dtype(np.uint8 if len(self) <= 2**8 else np.uint16 if len(self) <= 2**16 else np.uint32)
 
-    def _codepoint_table(self) -> tuple[np.ndarray, np.ndarray]:
-        codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
-        return codepoints, np.arange(len(self), dtype=self.dtype)
-
     def unknown_chars(self, text: str) -> list[str]:
-        return sorted(set(text) - set(self.chars))
+        return [] if self.is_bytes else sorted(set(text) - set(self.chars))
 
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
         """Text -> index array. `unknown` = 'error' (list the offending chars) or 'drop'."""
+        if self.is_bytes:
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
         missing = self.unknown_chars(text)
         if missing:
             if unknown != "drop":
-                raise DataError(f"characters not in the vocabulary: {''.join(missing)!r} "
+                shown = "".join(missing[:40]) + ("..." if len(missing) > 40 else "")
+                raise DataError(f"characters not in the vocabulary: {shown!r} "
                                 f"({len(missing)} distinct); remove them or drop them (unknown='drop')")
-            text = "".join(c for c in text if c not in set(missing))
+            drop = set(missing)
+            text = "".join(c for c in text if c not in drop)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table, ids = self._codepoint_table()  # table is sorted because chars are sorted
-        return ids[np.searchsorted(table, codes)]
+        table = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted (enforced)
+        return np.searchsorted(table, codes).astype(self.dtype)
 
     def decode(self, ids: Iterable[int]) -> str:
+        if self.is_bytes:
+            return bytes(np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids,
+                                    dtype=np.uint8)).decode("utf-8", errors="replace")
         chars = self.chars
         return "".join(chars[int(i)] for i in ids)
 
     def to_json(self) -> str:
-        return json.dumps({"chars": list(self.chars)}, ensure_ascii=False)
+        return json.dumps({"kind": self.kind, "chars": list(self.chars)}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, text: str) -> "Vocab":
-        return cls(tuple(json.loads(text)["chars"]))
+        d = json.loads(text)
+        if d.get("kind", "chars") == "bytes":
+            return cls.bytes()
+        return cls(tuple(d["chars"]))
 
     def save(self, path: os.PathLike) -> None:
         atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: os.PathLike) -> "Vocab":
-        return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
+        try:
+            return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"cannot read the vocabulary {path}: {e}; restore it from the run's "
+                            f"checkpoint metadata or start afresh with --new_run") from None
+
+
+_BYTE_CHARS = tuple(chr(i) for i in range(256))
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:
@@ -220,7 +278,9 @@ def load_prepared(directory: os.PathLike) -> tuple[Vocab, np.ndarray, np.ndarray
                         f"`lstm-jax prepare --config ... --out {d}`")
     meta = json.loads((d / "meta.json").read_text())
     vocab = Vocab.load(d / "vocab.json")
-    arrays = [np.memmap(d / name, dtype=meta["dtype"], mode="r", shape=(meta[key],))
+    # np.memmap cannot map an empty file (val_fraction=0 writes an empty val.bin)
+    arrays = [np.memmap(d / name, dtype=meta["dtype"], mode="r", shape=(meta[key],)) if meta[key]
+              else np.zeros((0,), meta["dtype"])
               for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens"))]
     return vocab, arrays[0], arrays[1]
 

@@ -169,7 +169,7 @@ def load_corpus(config: ml_collections.ConfigDict, vocab: Optional[data.Vocab] =
         vocab_p, train, val = data.load_prepared(directory)
         return Corpus(vocab_p, train, val, fingerprint=f"prepared:{pathlib.Path(directory).name}")
     text = corpora.load_text(config.corpus, lowercase=config.lowercase, errors=config.encoding_errors)
-    vocab = vocab or data.Vocab.from_text(text)
+    vocab = vocab or data.Vocab.from_text(text, kind=config.vocab)
     train, val = data.split_tokens(vocab.encode(text), config.val_fraction)
     return Corpus(vocab, train, val, corpora.corpus_fingerprint(text))
 

@@ -89,7 +89,11 @@ def loss_and_grads(params, graphdef, batch_BxL1, key, *, objective: str, accum_s
     grad_fn = jax.value_and_grad(loss_fn)
     if accum_steps == 1:
         return grad_fn(params, graphdef, batch_BxL1, key, objective)
-    micro = batch_BxL1.reshape((accum_steps, -1) + batch_BxL1.shape[1:])
+    # Micro-batch k = rows k, k + K, k + 2K, ...: (B, L) -> (B/K, K, L) splits the batch axis
+    # minor-to-major, so with the rows sharded over devices every device keeps its own B/(n*K)
+    # rows of every micro-batch. (A (K, B/K) split would cut across the device shards and make
+    # XLA all-gather the batch inside the accumulation loop.)
+    micro = jnp.swapaxes(batch_BxL1.reshape((-1, accum_steps) + batch_BxL1.shape[1:]), 0, 1)
 
     def body(carry, inputs):
         loss_sum, grad_sum = carry

@@ -248,6 +248,10 @@ def lstm_scan_custom_vjp(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, ca
     layer, as autodiff keeps. Matches `jax.grad(lstm_scan)` to float32 rounding
     (tests/test_recurrence.py). `unroll` > 1 is supported but measured ~2x slower on XLA:CPU
     (the unrolled body no longer updates the saved buffers in place); keep 1.
+
+    Reverse mode only: forward-mode autodiff of this function (`jax.jvp`, `jax.jacfwd`) is not
+    supported and raises JAX's TypeError ("can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function"); use `lstm_scan` (`backward="autodiff"`) for forward mode.
     """
     xproj_TxBx4H, kernel_rec_Hx4H, h0, c0 = _vary_like(
         (xproj_TxBx4H, kernel_rec_Hx4H, carry[0], carry[1]))

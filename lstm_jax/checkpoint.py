@@ -2,23 +2,45 @@
 
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when complete,
 so a process killed mid-save leaves the previous checkpoint as the latest). Retention keeps the last
-`max_to_keep` steps plus the best one by validation loss.
+`max_to_keep` steps plus the best one by validation loss. A step that cannot be read back (a
+truncated file, a disk error) is skipped with a warning in favour of the newest readable one, and
+steps a run must not resume from (unreadable, or saved after training diverged) are moved out of
+the manager's directory rather than deleted.
 """
 from __future__ import annotations
 
+import logging
 import pathlib
-from typing import Any, Optional
+import shutil
+import warnings
+from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
-
-from lstm_jax.config import MODEL_FIELDS
 
 CHECKPOINT_DIR = "checkpoints"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run, with the fix in the message."""
+
+
+class _ExpectedOrbaxWarnings(logging.Filter):
+    """Drops two Orbax warnings that describe how this module uses it on purpose: saves between
+    evaluations carry no metric, and sampling opens the manager read-only."""
+    EXPECTED = ("Requested `tracked_metric`; did not provide metrics", "Given directory is read only",
+                "CheckpointManagerOptions.read_only=True")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_ExpectedOrbaxWarnings())
+
+
+def _reason(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0][:200]
 
 
 class Checkpointer:
@@ -36,10 +58,11 @@ class Checkpointer:
             # best_fn makes Orbax write each step's metrics beside it, so BestN still knows the
             # best checkpoint after a restart (and best_step() returns it, not the latest).
             best_fn=(lambda m: m["val_loss"]) if keep_best else None, best_mode="min")
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINT_DIR
         if read_only and not self.directory.is_dir():
-            raise CheckpointError(f"no checkpoints in {self.directory.parent}; train first with "
-                                  f"`lstm-jax train --workdir {self.directory.parent}`")
+            raise CheckpointError(f"no checkpoints in {self.workdir}; train first with "
+                                  f"`lstm-jax train --workdir {self.workdir}`")
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "metadata"))
 
@@ -66,6 +89,56 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
         return restored.state, dict(restored.metadata)
 
+    def restore_readable(self, abstract_state: Any, step: Optional[int] = None,
+                         check: Optional[Callable[[dict], None]] = None
+                         ) -> tuple[int, Any, dict, list[int]]:
+        """(step, state, metadata, unreadable steps): `step` if given (an error if it cannot be
+        read), else the newest step that restores, warning about each newer one that does not.
+        `check(metadata)` runs before the state is read and may raise to refuse the run."""
+        steps = self.all_steps()
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; saved steps: "
+                                  f"{steps or 'none'}")
+        failures: dict[int, str] = {}
+        for s in ([step] if step is not None else reversed(steps)):
+            try:
+                meta = self.metadata(s)
+            except Exception as e:  # noqa: BLE001 - any read failure means: not this step
+                failures[s] = _reason(e)
+                continue
+            if check is not None:
+                check(meta)
+            try:
+                state, meta = self.restore(abstract_state, s)
+            except Exception as e:  # noqa: BLE001
+                failures[s] = _reason(e)
+                continue
+            for bad, why in failures.items():
+                warnings.warn(f"checkpoint step {bad} in {self.directory} is unreadable ({why}); "
+                              f"using step {s}", RuntimeWarning, stacklevel=2)
+            return s, state, meta, sorted(failures)
+        detail = "; ".join(f"step {s}: {why}" for s, why in failures.items())
+        raise CheckpointError(f"no readable checkpoint in {self.directory} ({detail}); start afresh "
+                              f"with --new_run (the unreadable steps are kept)")
+
+    def move_aside(self, steps: list[int], into: str) -> list[pathlib.Path]:
+        """Moves step directories to <workdir>/<into>/<step> (out of Orbax's sight, kept on disk)."""
+        self.manager.wait_until_finished()
+        moved = []
+        for s in steps:
+            src = self.directory / str(s)
+            if not src.exists():
+                continue
+            dest_dir = self.workdir / into
+            dest_dir.mkdir(exist_ok=True)
+            dest, i = dest_dir / str(s), 1
+            while dest.exists():
+                dest, i = dest_dir / f"{s}.{i}", i + 1
+            shutil.move(str(src), str(dest))
+            moved.append(dest)
+        self.manager.reload()
+        return moved
+
     def metadata(self, step: Optional[int] = None) -> dict:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -79,31 +152,3 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def config_differences(saved: dict, current: dict, fields=MODEL_FIELDS) -> list[str]:
-    """'model.hidden_size: 128 (saved) != 256 (now)' for each model-defining field that differs."""
-    def get(d, dotted):
-        for part in dotted.split("."):
-            if not isinstance(d, dict) or part not in d:
-                return None
-            d = d[part]
-        return d
-    return [f"{f}: {get(saved, f)!r} (saved) != {get(current, f)!r} (now)"
-            for f in fields if get(saved, f) != get(current, f)]
-
-
-def check_compatible(saved_config: dict, config: dict, saved_vocab: list[str], vocab: list[str],
-                     workdir: str) -> None:
-    """Refuses to resume a workdir whose model config or vocabulary differs from this run's."""
-    diffs = config_differences(saved_config, config)
-    if list(saved_vocab) != list(vocab):
-        missing = sorted(set(vocab) - set(saved_vocab))
-        diffs.append(f"vocab: {len(saved_vocab)} chars (saved) != {len(vocab)} chars (now)"
-                     + (f", new chars {''.join(missing)!r}" if missing else ""))
-    if diffs:
-        raise CheckpointError(
-            f"workdir {workdir} holds a run with a different model; differing fields:\n  "
-            + "\n  ".join(diffs)
-            + "\nUse another --workdir, drop the overrides, or pass --new_run to move the old run "
-              "aside (nothing is deleted) and start afresh.")

@@ -5,7 +5,9 @@ Flags use absl; `--config` takes a configs/*.py file (default: the built-in defa
 """
 from __future__ import annotations
 
+import errno
 import inspect
+import os
 import re
 import sys
 from typing import Optional, Sequence
@@ -44,15 +46,29 @@ def _config_help() -> str:
     return "config fields (override with --config.FIELD=VALUE):\n" + "\n".join(rows)
 
 
-def _define_config(fv: flags.FlagValues, argv: Sequence[str]) -> None:
-    """--config FILE if given, else the packaged default; both accept --config.FIELD=VALUE."""
+def _define_config(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+    """Defines --config (the default config, or the file `--config FILE` names, loaded here so
+    a missing or broken file is a one-line error); --config.FIELD=VALUE overrides either.
+    Returns argv without `--config FILE` (absl sees only the overrides)."""
     from lstm_jax import config as config_lib
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        config_flags.DEFINE_config_file("config", None, "configs/*.py file with get_config()",
-                                        flag_values=fv, sys_argv=list(argv))
-    else:
-        config_flags.DEFINE_config_dict("config", config_lib.get_config(), "the default config",
-                                        flag_values=fv, sys_argv=list(argv))
+    argv, path = list(argv), None
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+            break
+        if a.startswith("--config="):
+            path, argv = a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            break
+    try:
+        config = config_lib.load_config_file(path) if path else config_lib.get_config()
+    except ValueError as e:
+        raise SystemExit(f"lstm-jax: error: {e}") from None
+    try:   # sys_argv: absl defines a flag for each --config.FIELD override it finds there
+        config_flags.DEFINE_config_dict("config", config, f"config ({path or 'the default'})",
+                                        flag_values=fv, sys_argv=argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"lstm-jax: {_explain_flag_error(e, argv)}") from None
+    return argv
 
 
 def _parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: str = "") -> None:
@@ -64,7 +80,7 @@ def _parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: 
         raise SystemExit(0)
     try:
         fv(list(argv))
-    except (flags.Error, AttributeError, KeyError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e, argv)}")
 
 
@@ -103,12 +119,18 @@ def _host_setup(config) -> None:
                                         config.parallel.num_processes, config.parallel.process_id)
 
 
+def _define_common(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("debug", False, "show the full traceback of an error", flag_values=fv)
+
+
 def train(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", "runs/default", "run directory (checkpoints, metrics, samples)", flag_values=fv)
     flags.DEFINE_bool("new_run", False, "move an existing run in --workdir aside and start afresh", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
-    _define_config(fv, argv)
+    flags.DEFINE_integer("step", None, "checkpoint step to resume from (default: the newest readable)", flag_values=fv)
+    _define_common(fv)
+    argv = _define_config(fv, argv)
     _parse(fv, argv, "train", _config_help())
     config = fv["config"].value
     from lstm_jax import config as config_lib
@@ -118,9 +140,10 @@ def train(argv: Sequence[str]) -> int:
         raise SystemExit(f"lstm-jax train: {e}")
     _host_setup(config)
     import jax
-    from lstm_jax import train as train_lib
-    result = _friendly(lambda: train_lib.train_and_evaluate(
-        config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value))
+    from lstm_jax import loop
+    result = _friendly(lambda: loop.train_and_evaluate(
+        config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value,
+        step=fv["step"].value), fv["debug"].value)
     if result.preempted:
         return 130 if result.preempted_by == "SIGINT" else 143
     m = result.metrics
@@ -147,9 +170,10 @@ def sample(argv: Sequence[str]) -> int:
     flags.DEFINE_string("context", "state", "state (O(1) per char) | window (the seed's rolling window)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
+    _define_common(fv)
     _parse(fv, argv, "sample")
+    from lstm_jax import loop
     from lstm_jax import sample as sample_lib
-    from lstm_jax import train as train_lib
     try:
         temperatures = [float(t) for t in fv["temperature"].value]
     except ValueError:
@@ -163,13 +187,14 @@ def sample(argv: Sequence[str]) -> int:
             raise SystemExit(f"lstm-jax sample: cannot read --prime_file: {e}")
     else:
         prime = fv["prime"].value or None
-    model, vocab, config = _friendly(lambda: train_lib.restore_model(fv["workdir"].value, fv["step"].value))
+    debug = fv["debug"].value
+    model, vocab, config = _friendly(lambda: loop.restore_model(fv["workdir"].value, fv["step"].value), debug)
     _friendly(lambda: sample_lib.write_samples(
         model, vocab, fv["out"].value, num_samples=fv["num_samples"].value,
         length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
         top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
         chunk_size=fv["chunk_size"].value, unknown="drop" if fv["drop_unknown"].value else "error",
-        context=fv["context"].value, window=config.seq_len))
+        context=fv["context"].value, window=config.seq_len), debug)
     return 0
 
 
@@ -177,14 +202,16 @@ def prepare(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("out", None, "output directory for train.bin, val.bin, vocab.json", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
-    _define_config(fv, argv)
+    _define_common(fv)
+    argv = _define_config(fv, argv)
     _parse(fv, argv, "prepare", _config_help())
     config = fv["config"].value
     from lstm_jax import corpora, data
+    debug = fv["debug"].value
     text = _friendly(lambda: corpora.load_text(config.corpus, lowercase=config.lowercase,
-                                               errors=config.encoding_errors))
-    vocab = data.prepare(text, fv["out"].value, config.val_fraction,
-                         vocab=data.Vocab.from_text(text, kind=config.vocab))
+                                               errors=config.encoding_errors), debug)
+    vocab = _friendly(lambda: data.prepare(text, fv["out"].value, config.val_fraction,
+                                           vocab=data.Vocab.from_text(text, kind=config.vocab)), debug)
     print(f"prepared {len(text):,} chars, vocab {len(vocab)}, in {fv['out'].value}; "
           f"train with --config.corpus=prepared:{fv['out'].value}")
     return 0
@@ -196,23 +223,57 @@ def plot(argv: Sequence[str]) -> int:
     flags.DEFINE_string("out", "loss.png", "PNG to write", flag_values=fv)
     flags.DEFINE_bool("keras_reference", True, "draw the Keras reference figures as points", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
+    _define_common(fv)
     _parse(fv, argv, "plot")
     from lstm_jax import plot as plot_lib
     _friendly(lambda: plot_lib.plot_runs(fv["workdir"].value, fv["out"].value,
-                                         keras_reference=fv["keras_reference"].value))
+                                         keras_reference=fv["keras_reference"].value),
+              fv["debug"].value)
     print(f"wrote {fv['out'].value}")
     return 0
 
 
-def _friendly(fn):
-    """Known user-facing errors become one clear line instead of a traceback."""
-    from lstm_jax import checkpoint, corpora, data
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
+def _friendly(fn, debug: bool = False):
+    """Errors a user causes (bad input, a locked or read-only workdir, a full disk, an unreadable
+    checkpoint) become one clear line instead of a traceback; --debug shows the traceback."""
+    from lstm_jax import checkpoint, corpora, data, workdir
     from lstm_jax.train import TrainingError
     try:
         return fn()
-    except (corpora.CorpusError, data.DataError, checkpoint.CheckpointError, TrainingError,
-            ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"lstm-jax: error: {e}")
+    except Exception as e:  # noqa: BLE001 - translated below, or re-raised
+        if debug:
+            raise
+        if isinstance(e, (corpora.CorpusError, data.DataError, checkpoint.CheckpointError,
+                          workdir.WorkdirError, TrainingError, ValueError)):
+            raise SystemExit(f"lstm-jax: error: {e}") from None
+        os_error = e if isinstance(e, OSError) else _os_error_in(e)
+        if os_error is not None and os_error.errno in _DISK_ERRNOS:
+            where = f" writing {os_error.filename}" if os_error.filename else ""
+            raise SystemExit(
+                f"lstm-jax: error: {_DISK_ERRNOS[os_error.errno]}{where}; free space or choose "
+                f"another --workdir/--out (checkpoints saved before are intact)") from None
+        if os_error is not None:
+            raise SystemExit(f"lstm-jax: error: {os_error}") from None
+        raise
+
+
+def _os_error_in(e: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception (Orbax and TensorStore wrap disk errors), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        for code, _ in _DISK_ERRNOS.items():
+            if os.strerror(code) in str(e) or errno.errorcode[code] in str(e):
+                return OSError(code, os.strerror(code))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

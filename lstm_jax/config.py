@@ -13,10 +13,20 @@ from typing import Any, Iterable
 
 import ml_collections
 
-# Fields that fix parameter shapes or the forward computation: a workdir whose saved config differs
-# in any of these cannot be resumed (see checkpoint.check_compatible).
-MODEL_FIELDS = ("model.hidden_size", "model.num_layers", "model.keras_init", "model.dtype",
-                "model.param_dtype", "corpus", "lowercase", "vocab")
+# Fields a resumed run may change: when to evaluate, save or sample, how the work is placed on
+# devices and processes, which backward pass computes the same gradients, and how long to train
+# (a new length continues the learning-rate schedule; see train.lr_segments). Every other field
+# fixes the batches, the model or the update, and a resume that changes it is refused
+# (workdir.resume_differences).
+RESUMABLE_FIELDS = (
+    "num_epochs", "max_steps", "log_every", "eval_every", "eval_window", "eval_stride",
+    "eval_max_windows", "encoding_errors", "model.backward",
+    "sample.temperatures", "sample.length", "sample.every_epochs", "sample.prime",
+    "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.keep_best",
+    "parallel.mode", "parallel.num_devices", "parallel.cpu_devices", "parallel.tune_allocator",
+    "parallel.distributed", "parallel.coordinator_address", "parallel.num_processes",
+    "parallel.process_id",
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -86,14 +96,29 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports a `configs/*.py` file and returns its `get_config()`."""
+    """Imports a `configs/*.py` file and returns its `get_config()`; ValueError naming the file
+    and what is wrong with it otherwise."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise ValueError(f"config file {path!r} does not exist; pass a path such as configs/nietzsche.py")
-    spec = importlib.util.spec_from_file_location(f"lstm_jax_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    try:
+        spec = importlib.util.spec_from_file_location(f"lstm_jax_config_{p.stem}", p)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except AttributeError as e:
+        if "get_config" not in str(e):
+            raise ValueError(f"config file {path} failed: {e}") from None
+        raise ValueError(f"config file {path} has no get_config(); define one that returns "
+                         f"lstm_jax.config.get_config() with your changes") from None
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - any error in user code, named in one line
+        raise ValueError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}, "
+                         f"not an ml_collections.ConfigDict")
+    return config
 
 
 def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:

@@ -264,14 +264,17 @@ def prepare(text: str, out_dir: os.PathLike, val_fraction: float, vocab: Optiona
         arr.astype(vocab.dtype).tofile(tmp)
         os.replace(tmp, out / name)
     vocab.save(out / "vocab.json")
+    import hashlib   # the text's fingerprint, so a run on the prepared arrays resumes as the text
     atomic_write_text(out / "meta.json", json.dumps(
         {"dtype": vocab.dtype.name, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-         "val_fraction": val_fraction}))
+         "val_fraction": val_fraction,
+         "fingerprint": hashlib.sha256(text.encode("utf-8")).hexdigest()}))
     return vocab
 
 
-def load_prepared(directory: os.PathLike) -> tuple[Vocab, np.ndarray, np.ndarray]:
-    """Memory-maps a `prepare`d corpus: nothing is read until a batch touches it."""
+def load_prepared(directory: os.PathLike, with_meta: bool = False):
+    """Memory-maps a `prepare`d corpus: nothing is read until a batch touches it.
+    Returns (vocab, train, val), plus meta.json's dict if `with_meta`."""
     d = pathlib.Path(directory)
     if not (d / "meta.json").is_file():
         raise DataError(f"{d} is not a prepared corpus (no meta.json); create it with "
@@ -282,7 +285,7 @@ def load_prepared(directory: os.PathLike) -> tuple[Vocab, np.ndarray, np.ndarray
     arrays = [np.memmap(d / name, dtype=meta["dtype"], mode="r", shape=(meta[key],)) if meta[key]
               else np.zeros((0,), meta["dtype"])
               for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens"))]
-    return vocab, arrays[0], arrays[1]
+    return (vocab, arrays[0], arrays[1], meta) if with_meta else (vocab, arrays[0], arrays[1])
 
 
 def prefetch(iterable: Iterable, size: int = 2) -> Iterator:

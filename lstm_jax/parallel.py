@@ -89,3 +89,19 @@ def replicate_for_pmap(tree, devices: Sequence[jax.Device]):
     local = [d for d in devices if d.process_index == jax.process_index()]
     sharding = NamedSharding(Mesh(np.asarray(local), ("pmap",)), P("pmap"))
     return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(local)), sharding), tree)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches this point (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` any process passed (every process gets it; one small all-gather).
+    Lets processes agree on a flag (0/1) or a signal number without a device program per step."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))

@@ -1,33 +1,56 @@
-"""The lax.scan sampler: thousands of samples per compiled call, O(1) work per character.
+"""The sampler: thousands of rows per compiled program, O(1) work per character, any vocabulary.
 
-One jitted `lax.scan` carries the LSTM state over `prime + length` steps for a whole batch of rows.
-At step t a row feeds its prime character while t < len(prime), else the character it drew at t-1;
-its text is what it draws from its last prime character on (the prime itself is not repeated).
-Temperature (per row, 0 = greedy), top-k and top-p are traced arrays: changing them, the seed or the
-prime text never recompiles. An empty prime starts from '\n' (else ' ', else vocabulary index 0).
+A jitted block function advances a batch of rows S steps with one `lax.scan`, carrying the LSTM
+state and the previous token; the host calls it block after block (the next block runs while the
+host stores the previous one), so memory does not grow with the length and SIGINT/SIGTERM are
+honoured between blocks. At step t a row feeds its prime character while t < len(prime), else the
+character it drew at t - 1; its text is what it draws from its last prime character on (the prime
+itself is not repeated). Temperature (per row, 0 = greedy), top-k and top-p are traced: changing
+them, the seed or the prime never recompiles. Whether top-k and top-p are on at all is decided on
+the host, so the default unfiltered program carries no filter code. An empty prime starts from
+'\\n' (else ' ', else vocabulary index 0).
 
-Buckets (only a new bucket compiles a new program):
-  * steps: `len(longest prime) - 1 + length` rounded up to a multiple of STEP_BUCKET (64): 400 and
-    401 characters both run the 448-step program;
+The draw (`draw_kernel` picks one by vocabulary size and platform):
+  * "cumsum": a two-level inverse CDF: the V probabilities in blocks of ~sqrt(V), a cumsum over the
+    block sums, then a cumsum inside the chosen block. O(V) per row on every backend.
+  * "unrolled": the V probabilities as V (B,) rows summed one by one. XLA:CPU fuses it into a
+    single loop over the batch, the fastest kernel on CPU for small vocabularies; its program (and
+    compile time) grows with V, so it is used only up to UNROLLED_MAX_VOCAB, and never on GPU/TPU.
+  Filters: the top-k and top-p thresholds are found by bisection on the bits of the probabilities
+  (31 passes over V each; no sort, no O(V^2) comparison), so ties are kept together.
+
+Shapes (only a new shape compiles a new program: one per (rows, steps per block, kernel, filters)):
   * rows per call (`rows_per_call`): one per device for a single sample; otherwise the next power
     of two >= num_samples, at least MIN_ROWS (64) per device, at most `chunk_size` (default
-    DEFAULT_CHUNK = 1024, the fastest on a 2-core CPU). Larger requests run in chunks of exactly
-    that many rows, split over the mesh's 'data' axis, the next chunk running while the host
-    decodes the previous one.
+    DEFAULT_CHUNK = 1024). Larger requests run in chunks of exactly that many rows, split over the
+    mesh's 'data' axis.
+  * steps per block (`block_steps`): a short request runs in one block of `len(longest prime) - 1 +
+    length` steps rounded up to STEP_BUCKET (64); a long one in equal blocks of at most MAX_BLOCK
+    steps, fewer when the rows x vocabulary make a step costly (BLOCK_FLOPS bounds the work of one
+    block, hence the time to honour a signal).
+
+Vocabularies: a "chars" vocabulary maps each character to one token; prime characters outside it
+are an error (or dropped). A "bytes" vocabulary (`data.Vocab.bytes()`) samples UTF-8 bytes: a prime
+is encoded as its UTF-8 bytes (nothing is unknown), `length` counts bytes, and each finished row is
+decoded once with errors="replace", so only an invalid or cut-off sequence becomes U+FFFD.
 
 Reproducibility: row i's uniform at step t comes from fold_in(fold_in(key(seed), i), t), so its text
-depends only on (seed, i, its prime, temperature, top-k, top-p), not on chunking or devices.
+depends only on (seed, i, its prime, temperature, top-k, top-p), not on chunking, blocks or devices.
 Bit-exact equality also needs batch-size-independent float math: XLA:CPU switches matmul kernels
 below ~64 rows (the last bit differs), hence the MIN_ROWS floor. A lone sample runs unpadded for
 speed and can, in rare draws, differ from the same row drawn in a batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import os
+import signal
 import sys
+import threading
 from typing import Iterator, Optional, Sequence, Union
 
 import jax
@@ -40,58 +63,120 @@ from lstm_jax import parallel
 STEP_BUCKET = 64
 MIN_ROWS = 64
 DEFAULT_CHUNK = 1024
-TRACE_COUNT = 0  # times `_generate` was traced; the compile-once test reads it
+MAX_BLOCK = 1024          # most steps per block call
+BLOCK_FLOPS = 1e11        # model FLOPs per block call: ~1 s on a 2-core CPU, far less on a GPU
+UNROLLED_MAX_VOCAB = 128  # measured crossover on CPU (benchmarks/results/sample_cpu.json)
+BISECTION_PASSES = 31     # the bits of a probability in [0, 1] span < 2**30 values
 
 Prime = Union[None, str, Sequence[str]]
 
 
-def _draw(logits_BxV, u_B, temperature_B, top_k, top_p):
-    """Greedy (T == 0) or temperature/top-k/top-p draw by inverse CDF, one uniform u in (0, 1] per row.
+class SamplingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped sampling between blocks; `rows_done` rows were finished."""
+
+    def __init__(self, message: str, signal_name: str, rows_done: int):
+        super().__init__(message)
+        self.signal_name, self.rows_done = signal_name, rows_done
+
+
+def draw_kernel(vocab_size: int, platform: str) -> str:
+    """'unrolled' for vocabularies up to UNROLLED_MAX_VOCAB on CPU (measured faster there), else
+    'cumsum' (any size, any backend)."""
+    return "unrolled" if platform == "cpu" and vocab_size <= UNROLLED_MAX_VOCAB else "cumsum"
+
+
+def _draw(logits_BxV, u_B, temperature_B, top_k, top_p, *, kernel: str, filters: tuple[bool, bool]):
+    """One token per row: the argmax where T == 0, else the inverse CDF at u in (0, 1] of
+    softmax(logits / T) restricted to the top-k / top-p set; `filters` = (top-k on, top-p on)."""
+    t_B = jnp.where(temperature_B == 0, 1.0, temperature_B)
+    max_Bx1 = logits_BxV.max(1, keepdims=True)
+    keep_BxV = None
+    if any(filters):
+        keep_BxV = _keep(jnp.exp((logits_BxV - max_Bx1) / t_B[:, None]), top_k, top_p, *filters)
+    if kernel == "unrolled":
+        drawn_B, argmax_B = _draw_unrolled(logits_BxV, u_B, t_B, keep_BxV)
+    else:
+        drawn_B, argmax_B = _draw_cumsum(logits_BxV, max_Bx1, u_B, t_B, keep_BxV)
+    return jnp.where(temperature_B == 0, argmax_B, drawn_B)
+
+
+def _draw_cumsum(logits_BxV, max_Bx1, u_B, t_B, keep_BxV):
+    """Two-level inverse CDF; returns (drawn, argmax). Subtracting the max keeps a tiny T finite.
+
+    A cumsum of floats is not guaranteed monotone (XLA sums in a tree), so a draw that lands on a
+    zero-probability entry (filtered out or underflowed) is replaced by the argmax: such a draw has
+    a probability of about one ulp, and a filtered entry is never returned.
+    """
+    batch, vocab = logits_BxV.shape
+    width = max(8, 1 << math.ceil(math.log2(math.sqrt(vocab))))   # chars per block
+    blocks = -(-vocab // width)
+    iota_V = jnp.arange(vocab, dtype=jnp.int32)
+    argmax_B = jnp.min(jnp.where(logits_BxV == max_Bx1, iota_V, vocab), 1)  # first max, one pass
+    p_BxV = jnp.exp((logits_BxV - max_Bx1) / t_B[:, None])
+    if keep_BxV is not None:
+        p_BxV = jnp.where(keep_BxV, p_BxV, 0.0)
+    p_BxNxW = jnp.pad(p_BxV, ((0, 0), (0, blocks * width - vocab))).reshape(batch, blocks, width)
+    mass_BxN = p_BxNxW.sum(2)
+    cdf_BxN = jnp.cumsum(mass_BxN, 1)
+    target_B = u_B * cdf_BxN[:, -1]
+    block_B = jnp.minimum(jnp.sum(cdf_BxN < target_B[:, None], 1), blocks - 1)
+    below_B = jnp.take_along_axis(cdf_BxN - mass_BxN, block_B[:, None], 1)[:, 0]
+    inner_BxW = jnp.take_along_axis(p_BxNxW, block_B[:, None, None], 1)[:, 0]
+    inner_cdf_BxW = below_B[:, None] + jnp.cumsum(inner_BxW, 1)
+    col_B = jnp.minimum(jnp.sum(inner_cdf_BxW < target_B[:, None], 1), width - 1)
+    positive_B = jnp.take_along_axis(inner_BxW, col_B[:, None], 1)[:, 0] > 0
+    return jnp.where(positive_B, block_B * width + col_B, argmax_B), argmax_B
+
+
+def _draw_unrolled(logits_BxV, u_B, t_B, keep_BxV):
+    """Inverse CDF over V unrolled (B,) rows; returns (drawn, argmax).
 
     The CDF is a sequential sum, so it is monotone and a masked (zero) entry is never drawn.
-    """
-    t_B = jnp.where(temperature_B == 0, 1.0, temperature_B)
-    # The filter branch recomputes the probabilities from the logits: handing it `probs` stacked
-    # would materialise a (V, B) array on every step, also when no filter is set (the default).
-    keep_VxB = jax.lax.cond((top_k > 0) | (top_p < 1), _top_k_top_p,
-                            lambda l, t, k, p: jnp.ones(l.shape[::-1], bool), logits_BxV, t_B, top_k, top_p)
-    probs, argmax_B = _probs(logits_BxV, t_B)
-    total_B, cdf = jnp.zeros_like(u_B), []
-    for keep_B, p_B in zip(keep_VxB, probs):
-        total_B = total_B + jnp.where(keep_B, p_B, 0.0)
-        cdf.append(total_B)
-    drawn_B = sum((c_B < u_B * total_B).astype(jnp.int32) for c_B in cdf)
-    return jnp.where(temperature_B == 0, argmax_B, jnp.minimum(drawn_B, len(cdf) - 1))
-
-
-def _probs(logits_BxV, t_B):
-    """exp((logits - max) / T) for each of the V chars, as V (B,) rows, and the argmax.
-
-    Subtracting the max first keeps a tiny T finite (no inf - inf). Unrolled over the V rows of the
-    (V, B) transpose: XLA:CPU fuses it into one loop vectorised over the batch (its reductions over
-    a short minor axis are ~10x slower).
+    XLA:CPU fuses the V rows of the (V, B) transpose into one loop vectorised over the batch.
     """
     rows = list(logits_BxV.T)
     best_B, argmax_B = rows[0], jnp.zeros(t_B.shape, jnp.int32)
     for j, row in enumerate(rows[1:], 1):
         better_B = row > best_B
         best_B, argmax_B = jnp.where(better_B, row, best_B), jnp.where(better_B, j, argmax_B)
-    return [jnp.exp((row - best_B) / t_B) for row in rows], argmax_B
+    keep_VxB = keep_BxV.T if keep_BxV is not None else [None] * len(rows)
+    total_B, cdf = jnp.zeros_like(u_B), []
+    for row, keep_B in zip(rows, keep_VxB):
+        p_B = jnp.exp((row - best_B) / t_B)
+        total_B = total_B + (p_B if keep_B is None else jnp.where(keep_B, p_B, 0.0))
+        cdf.append(total_B)
+    drawn_B = sum((c_B < u_B * total_B).astype(jnp.int32) for c_B in cdf)
+    return jnp.minimum(drawn_B, len(rows) - 1), argmax_B
 
 
-def _top_k_top_p(logits_BxV, t_B, top_k, top_p):
-    """Keep mask (V, B): the k most likely chars (k <= 0: all) within the smallest set holding top_p
-    of the mass; ties are kept together. O(V^2) comparisons: a sort per row is ~100x slower on CPU.
+def _keep(p_BxV, top_k, top_p, use_top_k: bool, use_top_p: bool):
+    """Keep mask: the top_k most likely entries within the smallest most-likely set holding top_p of
+    the mass, ties kept together (entry j is kept when fewer than top_k entries are more likely and
+    those hold less than top_p). The two thresholds are found by bisection over the bits of p
+    (p >= 0, so integer order is float order): BISECTION_PASSES masked counts or sums over V.
     """
-    logits_VxB = logits_BxV.T
-    probs_VxB = jnp.exp((logits_VxB - logits_VxB.max(0)) / t_B)
-    rank_VxB = jnp.zeros(probs_VxB.shape, jnp.int32)  # how many chars are strictly more likely
-    above_VxB = jnp.zeros_like(probs_VxB)             # and their total mass
-    for p_B in probs_VxB:
-        more_VxB = p_B > probs_VxB
-        rank_VxB, above_VxB = rank_VxB + more_VxB, above_VxB + jnp.where(more_VxB, p_B, 0.0)
-    total_B = functools.reduce(jnp.add, probs_VxB)
-    return ((top_k <= 0) | (rank_VxB < top_k)) & ((top_p >= 1) | (above_VxB < top_p * total_B))
+    bits_BxV = jax.lax.bitcast_convert_type(p_BxV, jnp.int32)
+    top_B = bits_BxV.max(1)
+    keep_BxV = jnp.ones(p_BxV.shape, bool)
+    if use_top_k:  # the largest threshold with at least k entries at or above it: the k-th largest
+        def halve_k(_, bounds):
+            lo_B, hi_B = bounds
+            mid_B = lo_B + (hi_B - lo_B + 1) // 2
+            enough_B = jnp.sum(bits_BxV >= mid_B[:, None], 1) >= top_k
+            return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B - 1)
+        kth_B, _ = jax.lax.fori_loop(0, BISECTION_PASSES, halve_k, (jnp.zeros_like(top_B), top_B))
+        keep_BxV &= bits_BxV >= kth_B[:, None]
+    if use_top_p:  # the smallest threshold whose strictly-above mass is below top_p of the total
+        target_B = top_p * p_BxV.sum(1)
+
+        def halve_p(_, bounds):
+            lo_B, hi_B = bounds
+            mid_B = lo_B + (hi_B - lo_B) // 2
+            small_B = jnp.sum(jnp.where(bits_BxV > mid_B[:, None], p_BxV, 0.0), 1) < target_B
+            return jnp.where(small_B, lo_B, mid_B), jnp.where(small_B, mid_B, hi_B)
+        _, least_B = jax.lax.fori_loop(0, BISECTION_PASSES, halve_p, (jnp.full_like(top_B, -1), top_B))
+        keep_BxV &= bits_BxV >= least_B[:, None]
+    return keep_BxV
 
 
 def _window_logits(model, window_BxW, valid_B):
@@ -109,31 +194,27 @@ def _window_logits(model, window_BxW, valid_B):
     return logits_WxBxV[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
-def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, first_row, seed, top_k,
-              top_p, first_draw, *, window: int = 0):
-    """Draws (T, B) int32 of rows first_row, first_row + 1, ... at every step t < T = prime_BxT.shape[1].
+@functools.partial(jax.jit, static_argnames=("graphdef", "kernel", "filters", "window"))
+def _block(graphdef, params, carry, prime_BxS, prime_len_B, temperature_B, first_row, seed, top_k,
+           top_p, t0, first_draw, *, kernel: str, filters: tuple[bool, bool], window: int = 0):
+    """Steps t0 ... t0 + S - 1 (S = prime_BxS.shape[1]) of rows first_row, first_row + 1, ...
 
-    Row arrays may be sharded over devices; scalars are replicated. first_draw (the first step whose
+    carry = (model state, token drawn at the previous step); returns (carry, (S, B) int32 draws).
+    prime_BxS holds each row's prime characters at these steps (anything past its prime). Row
+    arrays may be sharded over devices; scalars are replicated. first_draw (the first step whose
     draw any row keeps) comes from the host so that sharded rows never communicate (XLA:CPU
     collectives between in-process devices can deadlock). window=0: O(1) per step, the LSTM state
     is carried. window=W: the state is recomputed from zero over the last W input chars at every
     step (the seed's window semantics).
     """
-    global TRACE_COUNT
-    TRACE_COUNT += 1
     model = nnx.merge(graphdef, params)
-    batch, num_steps = prime_BxT.shape
-    # All uniforms up front (one vectorised hash; CPU's threefry is a rolled loop, slow per step).
+    batch, num_steps = prime_BxS.shape
+    steps_S = t0 + jnp.arange(num_steps)
+    # This block's uniforms in one vectorised hash (CPU's threefry is a rolled loop, slow per step).
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed),
                                                        first_row + jnp.arange(batch))
-    step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(
-        row_keys, jnp.arange(num_steps))
-    u_TxB = 1.0 - jax.vmap(jax.vmap(jax.random.uniform))(step_keys)  # in (0, 1]
-    if window:
-        state = (jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch,), jnp.int32))
-    else:
-        state = model.initial_carry(batch)
+    step_keys = jax.vmap(jax.vmap(jax.random.fold_in, (0, None)), (None, 0))(row_keys, steps_S)
+    u_SxB = 1.0 - jax.vmap(jax.vmap(jax.random.uniform))(step_keys)  # in (0, 1]
 
     def body(carry, xs):
         state, prev_B = carry
@@ -147,12 +228,11 @@ def _generate(graphdef, params, prime_BxT, prime_len_B, temperature_B, first_row
                 lambda s: jnp.zeros((batch, model.config.vocab_size), jnp.float32), state)
         else:
             logits_BxV, state = model.step(tok_B, state)
-        drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k, top_p)
+        drawn_B = _draw(logits_BxV.astype(jnp.float32), u_B, temperature_B, top_k, top_p,
+                        kernel=kernel, filters=filters)
         return (state, drawn_B), drawn_B
 
-    init = (state, jnp.zeros((batch,), jnp.int32))
-    _, drawn_TxB = jax.lax.scan(body, init, (jnp.arange(num_steps), prime_BxT.T, u_TxB))
-    return drawn_TxB
+    return jax.lax.scan(body, carry, (steps_S, prime_BxS.T, u_SxB))
 
 
 @dataclasses.dataclass
@@ -165,28 +245,57 @@ class Samples:
     prime: list[str]
 
 
-class Sampler:
-    """Holds a model split once (params replicated over the mesh) and the vocabulary's char table.
+@dataclasses.dataclass
+class _Plan:
+    """A validated request, with its shapes: what `_run` needs and nothing it must check again."""
+    num_samples: int
+    length: int
+    primes: list[str]
+    prime_BxP: np.ndarray    # (len(primes), longest) int32, zero-padded
+    prime_len: np.ndarray    # (len(primes),) int32, >= 1
+    temps: list[float]
+    seed: int
+    top_k: int
+    top_p: float
+    filters: tuple[bool, bool]
+    window: int              # 0: carry the state
+    rows: int                # rows per call
+    block: int               # steps per block call
+    num_blocks: int
 
-    `vocab` is anything with `.chars`, the characters in index order (e.g. `data.Vocab`).
+
+class Sampler:
+    """Holds a model split once (params replicated over the mesh) and the vocabulary.
+
+    `vocab` is a `data.Vocab` (or anything with `.chars` in index order, and `.is_bytes`).
+    `kernel` forces the draw kernel ('unrolled' | 'cumsum'); default `draw_kernel(V, platform)`.
     """
 
-    def __init__(self, model: nnx.Module, vocab, *, mesh: Optional[jax.sharding.Mesh] = None):
+    def __init__(self, model: nnx.Module, vocab, *, mesh: Optional[jax.sharding.Mesh] = None,
+                 kernel: Optional[str] = None):
         self.chars = list(vocab.chars)
+        self.is_bytes = bool(getattr(vocab, "is_bytes", False))
         self.index = {c: i for i, c in enumerate(self.chars)}
         if len(self.chars) != model.config.vocab_size:
             raise ValueError(f"the vocabulary has {len(self.chars)} chars but the model "
                              f"{model.config.vocab_size}; load the vocab.json of the model's run")
         # Process-local devices: in a multi-process run every process samples its own copy.
         self.mesh = mesh if mesh is not None else parallel.make_mesh(jax.local_devices())
+        if kernel not in (None, "unrolled", "cumsum"):
+            raise ValueError(f"kernel must be None, 'unrolled' or 'cumsum', got {kernel!r}")
+        self.kernel = kernel or draw_kernel(len(self.chars), self.mesh.devices.flat[0].platform)
+        self.config = model.config
         self.graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
         self.start = self.index.get("\n", self.index.get(" ", 0))
         self._codepoints = (np.array([ord(c) for c in self.chars], np.uint32)
-                            if all(len(c) == 1 and c != "\0" for c in self.chars) else None)
+                            if not self.is_bytes and "\0" not in self.index else None)
 
     def encode(self, prime: str, unknown: str = "error") -> np.ndarray:
-        """Prime text -> int32 ids; chars outside the vocabulary raise (or are dropped: unknown='drop')."""
+        """Prime text -> int32 ids: its UTF-8 bytes for a byte vocabulary; else its chars, where
+        chars outside the vocabulary raise (or are dropped: unknown='drop')."""
+        if self.is_bytes:
+            return np.frombuffer(prime.encode("utf-8"), np.uint8).astype(np.int32)
         missing = sorted(set(prime) - self.index.keys())
         if missing and unknown != "drop":
             raise ValueError(f"prime {_short(prime)} has characters outside the vocabulary: "
@@ -194,7 +303,11 @@ class Sampler:
         return np.array([self.index[c] for c in prime if c in self.index], np.int32)
 
     def decode(self, tokens_NxL: np.ndarray) -> list[str]:
-        if self._codepoints is None:
+        """Token rows -> strings (a byte row is decoded as a whole, invalid sequences replaced)."""
+        if self.is_bytes:
+            return [row.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+                    for row in tokens_NxL]
+        if self._codepoints is None:  # a '\0' char: the UTF-32 view below would strip it
             return ["".join(self.chars[i] for i in row) for row in tokens_NxL]
         length = tokens_NxL.shape[1]
         if length == 0:
@@ -202,12 +315,11 @@ class Sampler:
         codes = np.ascontiguousarray(self._codepoints[tokens_NxL])  # one UTF-32 string per row
         return codes.view(f"<U{length}")[:, 0].tolist()
 
-    def iter_chunks(self, num_samples: int = 1, length: int = 400, *,
-                    temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0,
-                    top_p: float = 1.0, prime: Prime = None, seed: int = 0,
-                    chunk_size: int = DEFAULT_CHUNK, unknown: str = "error", context: str = "state",
-                    window: int = 60) -> Iterator[Samples]:
-        """Yields the rows chunk by chunk (see `generate` for the arguments)."""
+    def plan(self, num_samples: int = 1, length: int = 400, *,
+             temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 1.0,
+             prime: Prime = None, seed: int = 0, chunk_size: int = DEFAULT_CHUNK,
+             unknown: str = "error", context: str = "state", window: int = 60) -> _Plan:
+        """Checks every argument (ValueError naming the value and the fix) and fixes the shapes."""
         temps = _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size,
                             unknown, context, window)
         primes = [prime] if prime is None or isinstance(prime, str) else list(prime)
@@ -216,35 +328,50 @@ class Sampler:
                              f"over the rows; got {_short(repr(prime))}")
         prime_ids = [self.encode(p or "", unknown) for p in primes]
         prime_ids = [ids if len(ids) else np.array([self.start], np.int32) for ids in prime_ids]
-        steps = _round_up(max(len(ids) for ids in prime_ids) - 1 + length, STEP_BUCKET)
-        rows = rows_per_call(num_samples, chunk_size, self.mesh.devices.size)
-        padded = np.zeros((len(prime_ids), steps), np.int32)
-        for j, ids in enumerate(prime_ids):
-            padded[j, :len(ids)] = ids
         lengths = np.array([len(ids) for ids in prime_ids], np.int32)
-        pending = None
-        for start in range(0, num_samples, rows):
-            index = np.arange(start, start + rows)
-            which = index % len(primes)
-            row_args = (padded[which], lengths[which], np.array(temps, np.float32)[index % len(temps)])
-            if self.mesh.devices.size > 1:  # else let jit place them: ~0.2 ms faster per call
-                row_args = jax.device_put(row_args, parallel.data_sharded(self.mesh))
-            drawn = _generate(self.graphdef, self.params, *row_args,
-                              np.int32(start), np.uint32(seed), np.int32(top_k), np.float32(top_p),
-                              np.int32(lengths[which].min() - 1),
-                              window=window if context == "window" else 0)
-            if pending is not None:  # fetch the previous chunk while this one runs
-                yield self._collect(*pending)
-            pending = (drawn, index[:num_samples - start], lengths[which], length, primes, temps)
-        if pending is not None:
-            yield self._collect(*pending)
+        prime_BxP = np.zeros((len(prime_ids), lengths.max()), np.int32)
+        for j, ids in enumerate(prime_ids):
+            prime_BxP[j, :len(ids)] = ids
+        vocab = len(self.chars)
+        top_k = 0 if top_k >= vocab else int(top_k)   # k >= V keeps every char: off
+        window = window if context == "window" else 0
+        rows = rows_per_call(num_samples, chunk_size, self.mesh.devices.size)
+        c = self.config
+        flops = 2 * c.hidden_size * (8 * c.hidden_size * c.num_layers + vocab) * max(window, 1)
+        block = block_steps(int(lengths.max()) - 1 + length, rows * flops)
+        return _Plan(num_samples, length, [p or "" for p in primes], prime_BxP, lengths, temps,
+                     int(seed), top_k, float(top_p), (top_k > 0, top_p < 1), window, rows, block,
+                     -(-(int(lengths.max()) - 1 + length) // block))
 
-    def _collect(self, drawn_TxB, index_B, prime_len_B, length, primes, temps) -> Samples:
-        n = len(index_B)
-        drawn_BxT = np.asarray(drawn_TxB).T[:n]
-        tokens = np.take_along_axis(drawn_BxT, prime_len_B[:n, None] - 1 + np.arange(length), 1)
-        return Samples(index_B, self.decode(tokens), tokens, np.asarray(temps)[index_B % len(temps)],
-                       [primes[i % len(primes)] or "" for i in index_B])
+    def iter_chunks(self, num_samples: int = 1, length: int = 400, **kwargs) -> Iterator[Samples]:
+        """Checks the arguments now, then yields the rows chunk by chunk as they finish (see
+        `generate` for the arguments). Raises SamplingInterrupted on SIGINT/SIGTERM."""
+        return self.run(self.plan(num_samples, length, **kwargs))
+
+    def run(self, plan: _Plan) -> Iterator[Samples]:
+        """Yields the planned rows chunk by chunk. Each block call is dispatched before the previous
+        one's tokens are fetched, so the device never waits for the host; SIGINT/SIGTERM are
+        checked before every block (`stop_on_signals`)."""
+        sharded = self.mesh.devices.size > 1   # else let jit place host arrays: faster per call
+        put = (lambda x: jax.device_put(x, parallel.data_sharded(self.mesh))) if sharded else (lambda x: x)
+        done, in_flight = 0, None
+        with stop_on_signals() as stop:
+            for first in range(0, plan.num_samples, plan.rows):
+                chunk = _Chunk(self, plan, first, put)
+                for b in range(plan.num_blocks):
+                    if stop.signal_name:
+                        raise SamplingInterrupted(
+                            f"sampling interrupted by {stop.signal_name} after {done:,} of "
+                            f"{plan.num_samples:,} rows", stop.signal_name, done)
+                    drawn_SxB = chunk.dispatch(b)
+                    if in_flight is not None:
+                        finished = in_flight[0].store(*in_flight[1:])
+                        if finished is not None:
+                            done += len(finished.texts)
+                            yield finished
+                    in_flight = (chunk, b, drawn_SxB)
+            if in_flight is not None:
+                yield in_flight[0].store(*in_flight[1:])
 
     def generate(self, num_samples: int = 1, length: int = 400, **kwargs) -> Samples:
         chunks = list(self.iter_chunks(num_samples, length, **kwargs))
@@ -257,20 +384,106 @@ class Sampler:
                        [p for c in chunks for p in c.prime])
 
 
+class _Chunk:
+    """One chunk of rows in flight: its row arrays, its carry on the device, its tokens on the host."""
+
+    def __init__(self, sampler: Sampler, plan: _Plan, first: int, put):
+        self.sampler, self.plan, self.first, self.put = sampler, plan, first, put
+        rows = plan.rows
+        self.index = np.arange(first, min(first + rows, plan.num_samples))
+        which = np.arange(first, first + rows) % len(plan.primes)
+        self.primes, self.prime_len = plan.prime_BxP[which], plan.prime_len[which]
+        temps = np.array(plan.temps, np.float32)[np.arange(first, first + rows) % len(plan.temps)]
+        model = nnx.merge(sampler.graphdef, sampler.params)
+        if plan.window:
+            state = (np.zeros((rows, plan.window), np.int32), np.zeros((rows,), np.int32))
+        else:
+            state = jax.tree.map(np.asarray, model.initial_carry(rows))
+        self.carry = put((state, np.zeros((rows,), np.int32)))
+        self.row_args = put((self.prime_len, temps))
+        self.scalars = (np.int32(first), np.uint32(plan.seed), np.int32(plan.top_k),
+                        np.float32(plan.top_p))
+        self.first_draw = np.int32(self.prime_len.min() - 1)
+        self.drawn_NxT = np.empty((len(self.index), plan.num_blocks * plan.block), np.int32)
+
+    def dispatch(self, b: int) -> jax.Array:
+        """Starts block b (asynchronously); returns its (S, B) draws, still on the device."""
+        s = self.plan.block
+        prime_BxS = np.zeros((self.plan.rows, s), np.int32)
+        prime_BxS[:, :max(0, self.primes.shape[1] - b * s)] = self.primes[:, b * s:(b + 1) * s]
+        self.carry, drawn_SxB = _block(
+            self.sampler.graphdef, self.sampler.params, self.carry, self.put(prime_BxS),
+            *self.row_args, *self.scalars, np.int32(b * s), self.first_draw,
+            kernel=self.sampler.kernel, filters=self.plan.filters, window=self.plan.window)
+        return drawn_SxB
+
+    def store(self, b: int, drawn_SxB: jax.Array) -> Optional[Samples]:
+        """Copies block b's draws to the host; after the last block, returns the finished rows."""
+        s, n = self.plan.block, len(self.index)
+        self.drawn_NxT[:, b * s:(b + 1) * s] = np.asarray(drawn_SxB)[:, :n].T
+        if b < self.plan.num_blocks - 1:
+            return None
+        plan = self.plan
+        steps = self.prime_len[:n, None] - 1 + np.arange(plan.length)
+        tokens = np.take_along_axis(self.drawn_NxT, steps, 1)
+        return Samples(self.index, self.sampler.decode(tokens), tokens,
+                       np.asarray(plan.temps)[self.index % len(plan.temps)],
+                       [plan.primes[i % len(plan.primes)] for i in self.index])
+
+
+class stop_on_signals(contextlib.AbstractContextManager):
+    """Within the block, SIGINT and SIGTERM set `signal_name` instead of acting, so the sampler can
+    stop cleanly between blocks. A handler installed before (a trainer's stop flag) is still called;
+    after the first signal the previous handlers are back, so a second Ctrl-C acts at once.
+    Signals set to be ignored stay ignored; outside the main thread nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                old = signal.getsignal(sig)
+                if old is not signal.SIG_IGN:
+                    self._old[sig] = old
+                    signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        old = self._old.get(signum)
+        self._restore()
+        if callable(old) and old is not signal.default_int_handler:
+            old(signum, frame)
+
+    def _restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+
 def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 400,
              temperature: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 1.0,
              prime: Prime = None, seed: int = 0, chunk_size: int = DEFAULT_CHUNK, unknown: str = "error",
              context: str = "state", window: int = 60,
              mesh: Optional[jax.sharding.Mesh] = None) -> Samples:
-    """Generates `num_samples` continuations of `length` characters each.
+    """Generates `num_samples` continuations of `length` tokens (characters, or bytes) each.
 
     temperature: one value or a list cycled over the rows (row i gets temperature[i % len]); 0 = greedy.
-    top_k: keep the k most likely chars (0 = off). top_p: nucleus mass in (0, 1] (1 = off).
+    top_k: keep the k most likely chars (0 or >= V = off). top_p: nucleus mass in (0, 1] (1 = off).
     prime: None/"" (start from '\\n'), one string for every row, or a list cycled over the rows.
     unknown: 'error' (list prime chars outside the vocabulary) or 'drop' them.
     context: 'state' (carry the LSTM state) or 'window' (re-run the last `window` chars for every
     new one, the seed's semantics for a model trained with the window objective).
     chunk_size: most rows per compiled call; bounds memory.
+    Raises SamplingInterrupted on SIGINT/SIGTERM (checked between blocks, within about a second).
     """
     return Sampler(model, vocab, mesh=mesh).generate(
         num_samples, length, temperature=temperature, top_k=top_k, top_p=top_p, prime=prime,
@@ -279,19 +492,27 @@ def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 40
 
 def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_samples: int = 1,
                   progress: bool = True, **kwargs) -> int:
-    """Streams samples to `out` as JSONL ({index, temperature, prime, text}) chunk by chunk, or as
-    plain text to stdout when `out` is None; a tqdm bar counts rows when there is more than one chunk.
-    Takes `generate`'s keyword arguments; returns the number of rows written.
+    """Streams samples as JSONL ({index, temperature, prime, text}) to `out`, chunk by chunk, or as
+    plain text to stdout when `out` is None; a tqdm bar counts rows when there is more than one
+    chunk. Takes `generate`'s keyword arguments; returns the number of rows written.
+
+    Every argument is checked before anything is opened. `out` is written to a temporary file
+    beside it and renamed at the end, so an existing file survives a bad argument or a crash. On
+    SIGINT/SIGTERM the rows finished so far are kept (renamed into `out`, valid JSONL) and
+    SamplingInterrupted says how many.
     """
     from tqdm import tqdm
     sampler = Sampler(model, vocab, mesh=kwargs.pop("mesh", None))
-    chunks = sampler.iter_chunks(num_samples, **kwargs)
-    rows = rows_per_call(num_samples, kwargs.get("chunk_size", DEFAULT_CHUNK), sampler.mesh.devices.size)
-    f = open(out, "w", encoding="utf-8") if out else sys.stdout
-    written = 0
+    plan = sampler.plan(num_samples, **kwargs)
+    if out and os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out}/samples.jsonl")
+    tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.{os.getpid()}.tmp") if out else None
+    f = open(tmp, "w", encoding="utf-8") if out else sys.stdout
+    written = kept_bytes = 0
+    chunks = sampler.run(plan)
     try:
         with tqdm(total=num_samples, unit="sample", file=sys.stderr,
-                  disable=not progress or rows >= num_samples) as bar:
+                  disable=not progress or plan.rows >= num_samples) as bar:
             for chunk in chunks:
                 for i, t, p, text in zip(chunk.index, chunk.temperature, chunk.prime, chunk.texts):
                     if out:
@@ -300,13 +521,45 @@ def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_sa
                     else:
                         head = f"----- sample {i}, temperature {float(t):g}\n" if num_samples > 1 else ""
                         f.write(f"{head}{p}{text}\n")
-                written += len(chunk.texts)
                 f.flush()
+                written += len(chunk.texts)
+                kept_bytes = f.tell() if out else 0
                 bar.update(len(chunk.texts))
-    finally:
+    except (SamplingInterrupted, KeyboardInterrupt) as e:
+        name = getattr(e, "signal_name", "SIGINT")
+        if out:   # keep the finished rows: cut a row half-written by a second Ctrl-C, then rename
+            f.truncate(kept_bytes)
+            f.close()
+            os.replace(tmp, out)
+            where = f"{out} holds the {written:,} finished rows (valid JSONL)"
+        else:
+            where = f"wrote the {written:,} finished rows"
+        raise SamplingInterrupted(f"sampling interrupted by {name} after {written:,} of "
+                                  f"{num_samples:,} rows; {where}", name, written) from None
+    except BaseException:
         if out:
             f.close()
+            os.remove(tmp)
+        raise
+    finally:
+        chunks.close()
+    if out:
+        f.close()
+        os.replace(tmp, out)
     return written
+
+
+def block_steps(steps: int, flops_per_step: float) -> int:
+    """Steps per block call for a request of `steps` steps whose every step costs `flops_per_step`
+    (all rows): all of them rounded up to STEP_BUCKET when that fits in MAX_BLOCK and BLOCK_FLOPS;
+    else equal blocks of a multiple of STEP_BUCKET, or a power of two below it when a step is so
+    costly that even STEP_BUCKET steps would exceed BLOCK_FLOPS."""
+    cap = min(MAX_BLOCK, 1 << max(0, int(BLOCK_FLOPS // max(flops_per_step, 1)).bit_length() - 1))
+    if cap < STEP_BUCKET:
+        return cap
+    cap -= cap % STEP_BUCKET
+    blocks = -(-steps // cap)
+    return _round_up(-(-steps // blocks), STEP_BUCKET)
 
 
 def _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size, unknown,

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -79,14 +80,28 @@ def test_gradient_accumulation_equals_the_full_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_dropout_is_used_in_training_only():
+def test_dropout_is_used_in_training_only_and_scaled_by_one_over_keep():
+    """Fails if dropout is ignored in training (two keys give the same loss), if eval_step
+    applies it (its loss then differs from the no-dropout loss), or if the kept activations are
+    not scaled by 1/keep (the mean over many masks of the logits, which are linear in the dropped
+    head input, then misses the no-dropout logits by a factor keep)."""
     config = tiny_config(**{"model.dropout": 0.5, "model.num_layers": 2})
     _, _, graphdef, state = _setup(config)
     batch = jnp.asarray(np.random.default_rng(2).integers(0, 20, (4, 21)), jnp.int32)
     l1 = train.loss_fn(state.params, graphdef, batch, jax.random.key(1), "sequence")
     l2 = train.loss_fn(state.params, graphdef, batch, jax.random.key(2), "sequence")
     l0 = train.loss_fn(state.params, graphdef, batch, None, "sequence")
-    assert float(l1) != float(l2) and float(l0) == float(train.loss_fn(state.params, graphdef, batch, None, "sequence"))
+    assert float(l1) != float(l2)
+    loss_sum, _ = train.make_eval_step(graphdef)(state.params, batch)
+    np.testing.assert_allclose(float(loss_sum.sum()) / batch[:, 1:].size, float(l0), rtol=1e-6)
+
+    g1, s1 = _setup(tiny_config(**{"model.dropout": 0.5}))[2:]
+    one_layer = nnx.merge(g1, s1.params)   # one layer: dropout only on the head's input
+    plain = one_layer(batch[:, :-1])
+    keys = jax.random.split(jax.random.key(3), 2000)
+    mean = jax.vmap(lambda k: one_layer(batch[:, :-1], dropout_key=k))(keys).mean(0)
+    # Monte-Carlo error of 2000 masks: observed max |mean - plain| ~0.02 for logits of size ~0.3
+    np.testing.assert_allclose(mean, plain, atol=0.06)
 
 
 def test_train_and_evaluate_learns_repetitive_text_and_writes_the_workdir(tmp_path, repetitive_corpus):
@@ -99,7 +114,6 @@ def test_train_and_evaluate_learns_repetitive_text_and_writes_the_workdir(tmp_pa
     assert all({"step", "epoch", "elapsed_s"} <= r.keys() for r in records)
     assert train_losses[-1] < 0.5 * train_losses[0]
     assert evals and {"val_loss", "val_bpc", "val_last_loss"} <= evals[-1].keys()
-    assert abs(evals[-1]["val_bpc"] - evals[-1]["val_loss"] / math.log(2)) < 1e-9
     assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 32
     assert json.loads((workdir / "vocab.json").read_text())["chars"] == list(result.vocab.chars)
     samples = (workdir / "samples.txt").read_text()
@@ -109,14 +123,197 @@ def test_train_and_evaluate_learns_repetitive_text_and_writes_the_workdir(tmp_pa
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path, repetitive_corpus, monkeypatch):
+    """A NaN loss after a resume stops training with a message that is true about the disk: the
+    step-10 checkpoint (vouched for by its evaluation) stays the latest. Fails if the NaN state is
+    saved, if the message claims a checkpoint that does not exist, or if training goes on."""
+    from lstm_jax.checkpoint import Checkpointer
     original = train.loss_fn
     config = tiny_config(corpus=repetitive_corpus, max_steps=10)
     train.train_and_evaluate(config, tmp_path / "run", progress=False)
     monkeypatch.setattr(train, "loss_fn", lambda *a: original(*a) * jnp.nan)
     config.max_steps = 20
-    with pytest.raises(train.TrainingError, match="became nan.*clip_norm"):
+    with pytest.raises(train.TrainingError, match=r"diverged at step 10: train_loss nan.*the latest "
+                                                  r"checkpoint is step 10.*learning_rate=0.001"):
         train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    from lstm_jax.checkpoint import Checkpointer
     c = Checkpointer(tmp_path / "run")
-    assert c.latest_step() == 10            # the NaN state was never saved
+    assert c.all_steps() == [10]            # the NaN state was never saved
     c.close()
+
+
+def test_an_exploding_loss_stops_and_no_diverged_checkpoint_is_left_latest(tmp_path, repetitive_corpus):
+    """learning_rate=1e6 with clipping keeps the loss finite but huge (no NaN): the guard
+    (loss above ln V + 1) must stop the run, and every checkpoint left in checkpoints/ must hold
+    params whose loss is still sane. Fails without the explosion check (the run 'succeeds' with a
+    garbage latest checkpoint) or if checkpoints saved after the divergence stay in place."""
+    from lstm_jax import loop
+    from lstm_jax.checkpoint import Checkpointer
+    config = tiny_config(corpus=repetitive_corpus, max_steps=20, log_every=1,
+                         **{"optimizer.learning_rate": 1e6, "checkpoint.every_steps": 1})
+    with pytest.raises(train.TrainingError, match=r"diverged at step \d+: train_loss") as error:
+        train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    message = str(error.value)
+    workdir = tmp_path / "run"
+    c = Checkpointer(workdir)
+    left = c.all_steps()
+    c.close()
+    diverged_at = int(message.split("diverged at step ")[1].split(":")[0])
+    assert all(s < diverged_at for s in left)
+    assert sorted(int(p.name) for p in (workdir / "diverged_checkpoints").iterdir())
+    if left:
+        assert f"the latest checkpoint is step {max(left)}" in message
+        model, vocab, _ = loop.restore_model(workdir)
+        tokens = jnp.asarray(vocab.encode("the quick brown fox jumps over the lazy dog. ")[None], jnp.int32)
+        logits = model(tokens[:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        assert float(loss) < math.log(len(vocab)) + 1
+    else:
+        assert "no checkpoint was saved before it" in message
+
+
+# --- the learning-rate schedule -------------------------------------------------------------
+
+def test_cosine_schedule_reaches_its_final_rate_at_the_run_length():
+    """`max_steps` is the cosine horizon (a max_steps run used to stop at 0.55 lr, never decayed).
+    Fails if the horizon is num_epochs * steps_per_epoch or the warm-up is skipped."""
+    config = tiny_config(**{"optimizer.warmup_steps": 4, "optimizer.learning_rate": 0.01})
+    pieces = train.lr_segments(config, 20)
+    lrs = [train.lr_at(pieces, t) for t in range(25)]
+    np.testing.assert_allclose(lrs[:5], [0.0, 0.0025, 0.005, 0.0075, 0.01], atol=1e-12)
+    np.testing.assert_allclose(lrs[12], 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    np.testing.assert_allclose(lrs[20:], [0.001] * 5)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_the_optimizer_applies_the_schedule_step_by_step():
+    """Each update is scaled by lr_at(step): compares optax's updates for a constant gradient with
+    the RMSprop formula at the host-side rate. Fails if the traced schedule and lr_at disagree or
+    are off by one step."""
+    config = tiny_config(**{"optimizer.clip_norm": 0.0, "optimizer.warmup_steps": 2})
+    pieces = train.lr_segments(config, 6)
+    pieces, _ = train.continue_lr_segments(pieces, config, 4, 10)
+    tx = train.make_optimizer(config, 10, pieces)
+    g, v = np.float64(0.5), 0.0
+    params, opt_state = jnp.zeros(1), tx.init(jnp.zeros(1))
+    for t in range(10):
+        updates, opt_state = tx.update(jnp.full(1, g, jnp.float32), opt_state, params)
+        v = 0.9 * v + 0.1 * g * g
+        np.testing.assert_allclose(float(updates[0]), -train.lr_at(pieces, t) * g / math.sqrt(v + 1e-7),
+                                   rtol=1e-5, err_msg=f"update {t}")
+
+
+@pytest.mark.parametrize("resume_at,new_total,expect", [
+    (20, 40, "stays at its final value"),   # a finished run extended: a constant tail
+    (10, 40, "decays from"),                # extended mid-run: re-stretched decay to the new end
+    (2, 40, "warm-up continues"),           # still warming up: the same warm-up, new horizon
+])
+def test_a_longer_run_continues_the_learning_rate_without_a_jump(resume_at, new_total, expect):
+    """Raising num_epochs/max_steps on resume: the rate at the resume step is unchanged, the new
+    schedule never rises after the warm-up, and it ends at the final rate. Fails with the old
+    behaviour (a fresh cosine over the new horizon: 0.1 lr -> 0.55 lr when doubling)."""
+    config = tiny_config(**{"optimizer.warmup_steps": 4})
+    old = train.lr_segments(config, 20)
+    new, how = train.continue_lr_segments(old, config, resume_at, new_total)
+    assert expect in how
+    for t in range(resume_at + 1):
+        assert train.lr_at(new, t) == pytest.approx(train.lr_at(old, t), rel=1e-9)
+    after = [train.lr_at(new, t) for t in range(max(resume_at, 4), new_total + 3)]
+    assert all(a >= b - 1e-15 for a, b in zip(after, after[1:]))
+    assert after[-1] == pytest.approx(config.optimizer.learning_rate * config.optimizer.final_lr_fraction)
+
+
+def test_extending_a_run_logs_a_continuous_learning_rate(tmp_path, repetitive_corpus, capsys):
+    """End to end: a 10-step cosine run extended to 20 steps logs learning_rate events that do
+    not jump at step 10, and says how the rate continues."""
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(corpus=repetitive_corpus, max_steps=10, log_every=1), workdir,
+                             progress=False)
+    train.train_and_evaluate(tiny_config(corpus=repetitive_corpus, max_steps=20, log_every=1), workdir,
+                             progress=False)
+    assert "10 -> 20 steps: the learning rate continues from step 10 and stays at its final value" \
+        in capsys.readouterr().out
+    lrs = {r["step"]: r["learning_rate"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+           if "learning_rate" in r}
+    # the event at step s reports the rate of update s - 1 (the last one it covers)
+    assert sorted(lrs) == list(range(1, 21))
+    np.testing.assert_allclose(lrs[10], 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 9 / 10)), rtol=1e-6)
+    np.testing.assert_allclose([lrs[s] for s in range(11, 21)], [0.001] * 10, rtol=1e-6)
+    assert lrs[1] > lrs[5] > lrs[9] > lrs[10] > lrs[11]
+
+
+# --- evaluation: val_loss and val_last_loss against NumPy --------------------------------------
+
+def _numpy_logits(params, tokens_T):
+    """float64 forward pass of a 1-layer CharLSTM (gates i, f, g, o) over one row."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), nnx.to_pure_dict(params))
+    layer = p["layers"][0]
+    sig = lambda x: 1 / (1 + np.exp(-x))   # noqa: E731
+    H = layer["kernel_rec"].shape[0]
+    h, c, out = np.zeros(H), np.zeros(H), []
+    for tok in tokens_T:
+        z = layer["kernel_in"][tok] + h @ layer["kernel_rec"] + layer["bias"]
+        i, f, g, o = z[:H], z[H:2 * H], z[2 * H:3 * H], z[3 * H:]
+        c = sig(f) * c + sig(i) * np.tanh(g)
+        h = sig(o) * np.tanh(c)
+        out.append(h @ p["head_kernel"] + p["head_bias"])
+    return np.array(out)
+
+
+def test_val_loss_and_val_last_loss_equal_a_numpy_reference_with_padding(tmp_path):
+    """The held-out windows (37 of them, padded to the 16-row eval batch with zero-weight rows):
+    val_loss = mean next-char loss over every position, val_last_loss = mean loss on the char
+    after each window. Fails if the padding rows are counted, if val_loss averages per row
+    instead of per char, or if val_last_loss takes another position."""
+    from lstm_jax import data, loop
+    text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), 3000))
+    config = tiny_config(corpus=write_corpus(tmp_path, text), eval_window=12, eval_stride=4,
+                         eval_max_windows=37, val_fraction=0.1)
+    plan = loop.plan_run(config)
+    assert len(plan.windows) == 37 and len(plan.windows) % plan.batch
+    tx = train.make_optimizer(config, 10)
+    graphdef, state = train.init_state(config, plan.model_cfg, tx, plan.mesh)
+    got = loop._Evaluator(plan, graphdef)(state.params)
+    losses = []
+    for row in plan.windows:
+        logits = _numpy_logits(state.params, row[:-1])
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        losses.append(-logp[np.arange(12), row[1:]])
+    losses = np.array(losses)
+    np.testing.assert_allclose(got["val_loss"], losses.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["val_last_loss"], losses[:, -1].mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["val_bpc"], losses.mean() / math.log(2), rtol=1e-5)
+    assert isinstance(data.Vocab, type)
+
+
+# --- the loop's cadence and resumed epoch loss ------------------------------------------------
+
+def test_eval_every_and_sample_every_epochs_are_honoured(tmp_path):
+    """Evaluations at every eval_every steps and at epoch ends; samples after every
+    sample.every_epochs epochs and at the end. Fails if either setting is ignored."""
+    text = "the quick brown fox jumps over the lazy dog. " * 30
+    config = tiny_config(corpus=write_corpus(tmp_path, text), max_steps=0, num_epochs=4,
+                         eval_every=3, **{"sample.every_epochs": 3, "sample.length": 5})
+    result = train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    spe = result.step // 4
+    evals = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "val_loss" in r]
+    assert evals == sorted(set(range(3, 4 * spe + 1, 3)) | {spe * e for e in (1, 2, 3, 4)})
+    blocks = [int(line.split()[2]) for line in (tmp_path / "run" / "samples.txt").read_text().splitlines()
+              if line.startswith("----- step")]
+    assert blocks == [3 * spe, 4 * spe]
+
+
+def test_epoch_train_loss_after_a_mid_epoch_resume_equals_the_uninterrupted_run(tmp_path):
+    """The epoch's running loss is saved with the checkpoint, so a run resumed mid-epoch logs the
+    same epoch_train_loss as an uninterrupted one. Fails if the resumed run averages only the
+    steps of its own session (or divides by the wrong count)."""
+    text = "the quick brown fox jumps over the lazy dog. " * 300    # 40 steps per epoch
+    corpus = write_corpus(tmp_path, text)
+    base = {"corpus": corpus, "max_steps": 0, "num_epochs": 2, "optimizer.schedule": "constant"}
+    train.train_and_evaluate(tiny_config(**base), tmp_path / "whole", progress=False)
+    train.train_and_evaluate(tiny_config(**{**base, "max_steps": 50}), tmp_path / "split", progress=False)
+    train.train_and_evaluate(tiny_config(**base), tmp_path / "split", progress=False)
+
+    def epoch_losses(workdir):
+        return {r["step"]: r["epoch_train_loss"] for r in map(json.loads, (workdir / "metrics.jsonl").open())
+                if "epoch_train_loss" in r}
+    whole, split = epoch_losses(tmp_path / "whole"), epoch_losses(tmp_path / "split")
+    assert sorted(whole) == [40, 80] and split == whole

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pathlib
+import subprocess
 import sys
 import types
 import urllib.error
@@ -54,10 +56,40 @@ def serve(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> list[str]:
 
 
 def test_builtin_is_deterministic_and_large() -> None:
+    """'builtin' is every pydoc help topic, each once, in sorted-key order, joined by blank lines,
+    and a fresh interpreter with another hash seed builds the same text (same fingerprint). Fails
+    if the topics are taken in set/hash order (resumed runs would see another corpus), a topic is
+    dropped or repeated, or something else is added."""
+    from pydoc_data.topics import topics
     text = load_text("builtin")
     assert len(text) > 100_000
-    assert text == load_text("builtin")
-    assert corpora.corpus_fingerprint(text) == corpora.corpus_fingerprint(load_text("builtin"))
+    pos = 0
+    for i, key in enumerate(sorted(topics)):      # walk the text topic by topic
+        if i:
+            assert text[pos:pos + 2] == "\n\n", f"no blank line before topic {key!r}"
+            pos += 2
+        assert text.startswith(topics[key], pos), f"topic {key!r} is not where sorted order puts it"
+        pos += len(topics[key])
+    assert pos == len(text), "text after the last topic"
+    # corpora.py alone (stdlib only), loaded by path in interpreters with other hash seeds.
+    script = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location("
+              "'corpora', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
+              "spec.loader.exec_module(m); print(m.corpus_fingerprint(m.load_text('builtin')))")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script, corpora.__file__], check=True,
+                             capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        assert out == corpora.corpus_fingerprint(text), f"PYTHONHASHSEED={seed} gives another text"
+
+
+def test_corpus_fingerprint_is_the_sha256_of_the_utf8_text() -> None:
+    """Known answers (FIPS 180-2's "abc"; a non-ASCII text hashed as UTF-8). Fails if the
+    fingerprint hashes another encoding, a normalised or lower-cased text, or uses another hash."""
+    assert corpora.corpus_fingerprint("abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    text = "Übermensch, 超人"
+    assert corpora.corpus_fingerprint(text) == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    assert corpora.corpus_fingerprint(text) != corpora.corpus_fingerprint(text.lower())
 
 
 def test_builtin_missing_pydoc_data(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +223,47 @@ def test_tfds_missing(monkeypatch) -> None:
         load_text("tfds:tiny_shakespeare")
 
 
+def _fake_tfds(monkeypatch, examples=None, error=None) -> None:
+    def fake_load(name: str, split: str):
+        if error:
+            raise error
+        return examples
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        types.SimpleNamespace(load=fake_load, as_numpy=lambda ds: ds))
+
+
+def test_tfds_reads_the_one_text_feature_and_explains_failures(monkeypatch) -> None:
+    """Only the bytes feature becomes text (ids and labels do not), undecodable bytes name the
+    split, and every failure is a CorpusError naming the fix. Fails if another feature leaks into
+    the text, a dataset with two text features is guessed at, or tfds's own exception escapes."""
+    _fake_tfds(monkeypatch, [{"id": 7, "label": 2, "text": b"caf\xc3\xa9"}, {"id": 8, "label": 0, "text": b"noir"}])
+    assert load_text("tfds:cafe") == "caf\u00e9\nnoir"
+    _fake_tfds(monkeypatch, [{"title": b"t", "text": b"x"}])
+    with pytest.raises(CorpusError, match=r"exactly one text feature, found \['text', 'title'\]"):
+        load_text("tfds:two_texts")
+    _fake_tfds(monkeypatch, [{"text": b"caf\xe9"}])
+    with pytest.raises(CorpusError, match="tfds:latin:train is not valid UTF-8"):
+        load_text("tfds:latin")
+    assert load_text("tfds:latin", errors="replace") == "caf\ufffd"
+    _fake_tfds(monkeypatch, [])
+    with pytest.raises(CorpusError, match="is empty"):
+        load_text("tfds:nothing:test")
+    _fake_tfds(monkeypatch, error=KeyError("no such dataset"))
+    with pytest.raises(CorpusError, match="could not load 'nope' split 'validation'.*catalog"):
+        load_text("tfds:nope:validation")
+    for bad in ("tfds:", "tfds:a:b:c"):
+        with pytest.raises(CorpusError, match="use 'tfds:NAME' or 'tfds:NAME:SPLIT'"):
+            load_text(bad)
+
+
 def test_tfds_mock_data() -> None:
+    """With tfds's own mock data (needs tensorflow_datasets; skipped without it), the text is each
+    example's text feature, in order, joined by newlines. Fails if an example is dropped or the
+    order changes."""
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=3):
-        assert isinstance(load_text("tfds:tiny_shakespeare"), str)
+        examples = [ex["text"].decode("utf-8")
+                    for ex in tfds.as_numpy(tfds.load("tiny_shakespeare", split="train"))]
+        text = load_text("tfds:tiny_shakespeare")
+    assert len(examples) == 3
+    assert text == "\n".join(examples)

@@ -1,4 +1,9 @@
-"""Vocab, encoding, the seed's window construction, sequence chunks, held-out windows, memmaps."""
+"""Vocab (chars and bytes kinds, invariants, vocab.json), encoding, the seed's window
+construction, sequence chunks, held-out windows, padding, memmaps (also with no validation split).
+
+Each test names a plausible bug it catches."""
+import json
+
 import numpy as np
 import pytest
 
@@ -14,20 +19,102 @@ def seed_windows(text, maxlen, step):
     return sentences, next_chars
 
 
-def test_vocab_is_sorted_distinct_chars_and_round_trips(tmp_path):
-    text = "hello, wörld!\nçà"
-    vocab = data.Vocab.from_text(text)
-    assert list(vocab.chars) == sorted(set(text))
-    ids = vocab.encode(text)
-    assert ids.dtype == np.uint8 and vocab.decode(ids) == text
-    vocab.save(tmp_path / "vocab.json")
-    assert data.Vocab.load(tmp_path / "vocab.json") == vocab
+MIXED = "Zarathustra sprach: «Übermensch»\nκόσμος, 超人, привет 🙂\ttab"   # 1-4 UTF-8 bytes
+
+
+def test_vocab_is_sorted_distinct_chars_and_round_trips():
+    """Index i is the i-th smallest code point of the corpus (the seed's sorted(set(text))), for
+    any script, astral characters included. Fails if encode maps a char to another index (e.g. a
+    search over UTF-16 units or an unsorted table) or decode is not its inverse."""
+    vocab = data.Vocab.from_text(MIXED)
+    assert len(vocab) == len(set(MIXED))
+    assert all(a < b for a, b in zip(vocab.chars, vocab.chars[1:]))
+    ids = vocab.encode(MIXED)
+    assert ids.dtype == np.uint8 and len(ids) == len(MIXED)
+    assert [vocab.chars[i] for i in ids] == list(MIXED)
+    assert vocab.decode(ids) == MIXED
+
+
+@pytest.mark.parametrize("chars, message", [
+    (("c", "a", "b"), "sorted and distinct"),
+    (("a", "b", "b"), "sorted and distinct"),
+    (("a", "bc"), "single characters"),
+    (("a", 1), "single characters"),
+    ((), "at least one character"),
+])
+def test_vocab_invariants_are_enforced(chars, message):
+    """A Vocab is sorted, distinct single characters: anything else is refused with the rule in
+    the message. Fails if Vocab(("c", "a", "b")) is accepted (encode's binary search would then
+    map "abc" to the wrong indices)."""
+    with pytest.raises(data.DataError, match=message):
+        data.Vocab(chars)
+
+
+def test_vocab_kinds_are_checked():
+    """Fails if an unknown kind passes, or a "bytes" vocabulary can hold other entries."""
+    with pytest.raises(data.DataError, match="kind"):
+        data.Vocab(("a", "b"), kind="words")
+    with pytest.raises(data.DataError, match="256 byte values.*Vocab.bytes"):
+        data.Vocab(("a", "b"), kind="bytes")
 
 
 def test_vocab_dtype_grows_with_size():
-    big = data.Vocab(tuple(chr(0x100 + i) for i in range(300)))
+    """uint8 up to 256 entries, uint16 from 257. Fails at an off-by-one boundary (257 entries in
+    uint8 would wrap index 256 to 0)."""
+    assert data.Vocab(tuple(chr(0x100 + i) for i in range(256))).dtype == np.uint8
+    big = data.Vocab(tuple(chr(0x100 + i) for i in range(257)))
     assert big.dtype == np.uint16
-    assert big.decode(big.encode("".join(big.chars[::7]))) == "".join(big.chars[::7])
+    ids = big.encode(big.chars[-1] + big.chars[0])
+    assert ids.tolist() == [256, 0] and big.decode(ids) == big.chars[-1] + big.chars[0]
+
+
+def test_bytes_vocab_encodes_utf8_in_any_script():
+    """kind="bytes": V = 256, tokens are the UTF-8 bytes, nothing is unknown, decode reassembles
+    multi-byte characters and replaces a cut one instead of failing. Fails if bytes are encoded
+    per character (code points > 255 would overflow) or decoded char by char."""
+    vocab = data.Vocab.from_text(MIXED, kind="bytes")
+    assert vocab == data.Vocab.bytes() and vocab.is_bytes and len(vocab) == 256
+    ids = vocab.encode(MIXED)
+    assert ids.dtype == np.uint8 and ids.tolist() == list(MIXED.encode("utf-8"))
+    assert vocab.decode(ids) == MIXED
+    assert vocab.unknown_chars(MIXED) == []
+    emoji = vocab.encode("🙂")                       # 4 bytes
+    assert vocab.decode(emoji[:3]) == "\ufffd" and vocab.decode(list(emoji)) == "🙂"
+
+
+def test_character_vocab_cap_names_the_bytes_vocab():
+    """65,536 distinct characters are accepted (uint16), one more is refused with a message that
+    names --config.vocab=bytes. Fails if the cap is off by one or the message gives no way out."""
+    code_points = [c for c in range(0x20, 0x20 + 65_537 + 2048) if not 0xD800 <= c <= 0xDFFF]
+    chars = [chr(c) for c in code_points[:65_537]]
+    assert data.Vocab.from_text("".join(chars[:-1])).dtype == np.uint16
+    with pytest.raises(data.DataError, match=r"65,537 distinct characters.*--config\.vocab=bytes"):
+        data.Vocab.from_text("".join(chars))
+
+
+@pytest.mark.parametrize("kind", ["chars", "bytes"])
+def test_vocab_json_round_trips_in_index_order(tmp_path, kind):
+    """vocab.json (the workdir contract) lists the entries in index order with the kind, and
+    loads back equal. Fails if the kind is lost (a bytes run would resume as a 256-char
+    vocabulary of Latin-1) or non-ASCII characters are mangled."""
+    vocab = data.Vocab.from_text(MIXED, kind=kind)
+    vocab.save(tmp_path / "vocab.json")
+    saved = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert saved == {"kind": kind, "chars": list(vocab.chars)}
+    loaded = data.Vocab.load(tmp_path / "vocab.json")
+    assert loaded == vocab and loaded.kind == kind
+    assert loaded.decode(loaded.encode(MIXED)) == MIXED
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"chars": ["b", "a"]}', '{"kind": "chars"}', None])
+def test_unreadable_vocab_json_is_a_data_error(tmp_path, content):
+    """Corrupt JSON, an unsorted table, a missing field or a missing file: a DataError naming the
+    file and the way out, never a raw JSONDecodeError/KeyError/OSError traceback."""
+    path = tmp_path / "vocab.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"cannot read the vocabulary .*vocab\.json.*--new_run"):
+        data.Vocab.load(path)
 
 
 def test_unknown_chars_are_listed_or_dropped():
@@ -93,19 +180,45 @@ def test_corpus_shorter_than_one_batch_is_a_clear_error():
         data.WindowBatcher(np.zeros(100, np.uint8), 60, 3, 128, seed=0)
 
 
+def test_split_tokens_holds_out_the_tail():
+    """Validation is the last int(n * val_fraction) tokens, training the rest, in order. Fails if
+    the split shuffles, overlaps or rounds the other way."""
+    train, val = data.split_tokens(np.arange(1009), 0.1)
+    np.testing.assert_array_equal(train, np.arange(909))
+    np.testing.assert_array_equal(val, np.arange(909, 1009))
+    train, val = data.split_tokens(np.arange(10), 0.0)
+    assert len(train) == 10 and len(val) == 0
+
+
 def test_eval_windows_are_held_out_and_evenly_capped():
-    val = np.arange(1000) % 97
+    """Windows of window + 1 tokens every `stride` chars; capped, an evenly spaced subset that
+    keeps the first and the last window. Fails if the cap takes only the head of the split."""
+    val = np.arange(1000)                           # token == position
     w = data.eval_windows(val, window=60, stride=3, max_windows=10_000)
-    assert w.shape == (len(range(0, 1000 - 60, 3)), 61)
+    starts = np.arange(0, 1000 - 60, 3)
+    np.testing.assert_array_equal(w, starts[:, None] + np.arange(61))
     capped = data.eval_windows(val, 60, 3, 50)
-    assert capped.shape == (50, 61) and capped[0, 0] == val[0]
+    assert capped.shape == (50, 61)
+    capped_starts = capped[:, 0]
+    assert set(capped_starts) <= set(starts) and capped_starts[0] == 0 and capped_starts[-1] == starts[-1]
+    gaps = np.diff(capped_starts)
+    assert gaps.max() - gaps.min() <= 3, gaps       # even spacing, up to one stride of rounding
     with pytest.raises(data.DataError, match="val_fraction"):
         data.eval_windows(val[:30], 60, 3, 10)
 
 
 def test_pad_rows_marks_padding_with_zero_weight():
-    rows, weight = data.pad_rows(np.ones((5, 3), np.int32), 4)
-    assert rows.shape == (8, 3) and weight.tolist() == [1] * 5 + [0] * 3
+    """The real rows come first, unchanged; padding rows are zeros with weight 0. Fails if padding
+    is weighted or overwrites a row."""
+    real = np.arange(15, dtype=np.int32).reshape(5, 3) + 1
+    rows, weight = data.pad_rows(real, 4)
+    assert rows.shape == (8, 3) and rows.dtype == np.int32
+    np.testing.assert_array_equal(rows[:5], real)
+    np.testing.assert_array_equal(rows[5:], 0)
+    assert weight.tolist() == [1] * 5 + [0] * 3
+    rows, weight = data.pad_rows(real[:4], 4)       # already a multiple: untouched
+    np.testing.assert_array_equal(rows, real[:4])
+    assert weight.tolist() == [1] * 4
 
 
 def test_prepared_memmap_gives_the_same_batches_as_in_memory(tmp_path):
@@ -120,6 +233,31 @@ def test_prepared_memmap_gives_the_same_batches_as_in_memory(tmp_path):
         cls, args = cls_args
         a, b = cls(train, *args, 16, 0), cls(train_mm, *args, 16, 0)
         np.testing.assert_array_equal(a.batch(1, 2), b.batch(1, 2))
+
+
+def test_prepare_without_validation_split_loads(tmp_path):
+    """val_fraction=0 writes an empty val.bin; load_prepared maps it as an empty array of the
+    vocabulary's dtype and the training tokens are the whole text. Fails if np.memmap is asked to
+    map the empty file ("cannot mmap an empty file")."""
+    text = "abcdefghij klmnop qrstuv wxyz.\n" * 50
+    vocab = data.prepare(text, tmp_path / "prep", val_fraction=0.0)
+    assert (tmp_path / "prep" / "val.bin").stat().st_size == 0
+    loaded, train, val = data.load_prepared(tmp_path / "prep")
+    assert loaded == vocab
+    np.testing.assert_array_equal(train, vocab.encode(text))
+    assert val.shape == (0,) and val.dtype == vocab.dtype
+    with pytest.raises(data.DataError, match="val_fraction"):
+        data.eval_windows(val, 60, 3, 10)
+
+
+def test_prepare_with_a_bytes_vocabulary(tmp_path):
+    """A prepared corpus keeps the bytes kind: tokens are the UTF-8 bytes. Fails if prepare or
+    load_prepared falls back to a character vocabulary."""
+    vocab = data.prepare(MIXED * 20, tmp_path / "prep", val_fraction=0.25, vocab=data.Vocab.bytes())
+    loaded, train, val = data.load_prepared(tmp_path / "prep")
+    assert loaded == vocab == data.Vocab.bytes()
+    np.testing.assert_array_equal(np.concatenate([train, val]), list((MIXED * 20).encode("utf-8")))
+    assert len(val) == int(len((MIXED * 20).encode("utf-8")) * 0.25)
 
 
 def test_load_prepared_missing_dir_names_the_fix(tmp_path):

@@ -5,8 +5,10 @@ Flags use absl; `--config` takes a configs/*.py file (default: the built-in defa
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
+import logging
 import os
 import re
 import sys
@@ -233,9 +235,15 @@ def plot(argv: Sequence[str]) -> int:
     return 0
 
 
-_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+_OS_ERRORS = {   # errno -> (what happened, what to do)
+    errno.ENOSPC: ("the disk is full", "free space or choose another --workdir/--out; checkpoints "
+                   "saved before this one are intact"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space or choose another --workdir/--out; "
+                   "checkpoints saved before this one are intact"),
+    errno.EROFS: ("the file system is read-only", "choose a writable --workdir/--out"),
+    errno.EACCES: ("permission denied", "choose a writable --workdir/--out or fix its permissions"),
+    errno.EPERM: ("permission denied", "choose a writable --workdir/--out or fix its permissions"),
+}
 
 
 def _friendly(fn, debug: bool = False):
@@ -244,22 +252,44 @@ def _friendly(fn, debug: bool = False):
     from lstm_jax import checkpoint, corpora, data, workdir
     from lstm_jax.train import TrainingError
     try:
-        return fn()
+        with _quiet_library_tracebacks(debug):
+            return fn()
     except Exception as e:  # noqa: BLE001 - translated below, or re-raised
         if debug:
             raise
-        if isinstance(e, (corpora.CorpusError, data.DataError, checkpoint.CheckpointError,
-                          workdir.WorkdirError, TrainingError, ValueError)):
-            raise SystemExit(f"lstm-jax: error: {e}") from None
-        os_error = e if isinstance(e, OSError) else _os_error_in(e)
-        if os_error is not None and os_error.errno in _DISK_ERRNOS:
+        os_error = _os_error_in(e)
+        if os_error is not None and os_error.errno in _OS_ERRORS:
+            what, fix = _OS_ERRORS[os_error.errno]
             where = f" writing {os_error.filename}" if os_error.filename else ""
-            raise SystemExit(
-                f"lstm-jax: error: {_DISK_ERRNOS[os_error.errno]}{where}; free space or choose "
-                f"another --workdir/--out (checkpoints saved before are intact)") from None
-        if os_error is not None:
-            raise SystemExit(f"lstm-jax: error: {os_error}") from None
+            raise SystemExit(f"lstm-jax: error: {what}{where}; {fix}") from None
+        if isinstance(e, (corpora.CorpusError, data.DataError, checkpoint.CheckpointError,
+                          workdir.WorkdirError, TrainingError, ValueError, OSError)):
+            raise SystemExit(f"lstm-jax: error: {e}") from None
         raise
+
+
+class _DropLibraryErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR or record.exc_info)
+
+
+@contextlib.contextmanager
+def _quiet_library_tracebacks(debug: bool):
+    """Orbax and TensorStore report a failed background save (a full disk, say) as logged
+    tracebacks, and their callbacks print asyncio's 'Event loop is closed' through sys.excepthook,
+    before the save's error reaches `_friendly`, which reports it in one line. Muted while a
+    command runs, unless --debug."""
+    if debug:
+        yield
+        return
+    absl_logger, drop, hook = logging.getLogger("absl"), _DropLibraryErrors(), sys.excepthook
+    absl_logger.addFilter(drop)
+    sys.excepthook = lambda *exc: None
+    try:
+        yield
+    finally:
+        sys.excepthook = hook
+        absl_logger.removeFilter(drop)
 
 
 def _os_error_in(e: BaseException) -> Optional[OSError]:
@@ -267,10 +297,10 @@ def _os_error_in(e: BaseException) -> Optional[OSError]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno is not None:
             return e
-        for code, _ in _DISK_ERRNOS.items():
-            if os.strerror(code) in str(e) or errno.errorcode[code] in str(e):
+        for code in _OS_ERRORS:
+            if os.strerror(code) in str(e):
                 return OSError(code, os.strerror(code))
         e = e.__cause__ or e.__context__
     return None

@@ -284,7 +284,7 @@ class Sampler:
         if kernel not in (None, "unrolled", "cumsum"):
             raise ValueError(f"kernel must be None, 'unrolled' or 'cumsum', got {kernel!r}")
         self.kernel = kernel or draw_kernel(len(self.chars), self.mesh.devices.flat[0].platform)
-        self.config = model.config
+        self.model = model
         self.graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
         self.start = self.index.get("\n", self.index.get(" ", 0))
@@ -336,7 +336,7 @@ class Sampler:
         top_k = 0 if top_k >= vocab else int(top_k)   # k >= V keeps every char: off
         window = window if context == "window" else 0
         rows = rows_per_call(num_samples, chunk_size, self.mesh.devices.size)
-        c = self.config
+        c = self.model.config
         flops = 2 * c.hidden_size * (8 * c.hidden_size * c.num_layers + vocab) * max(window, 1)
         block = block_steps(int(lengths.max()) - 1 + length, rows * flops)
         return _Plan(num_samples, length, [p or "" for p in primes], prime_BxP, lengths, temps,
@@ -394,12 +394,12 @@ class _Chunk:
         which = np.arange(first, first + rows) % len(plan.primes)
         self.primes, self.prime_len = plan.prime_BxP[which], plan.prime_len[which]
         temps = np.array(plan.temps, np.float32)[np.arange(first, first + rows) % len(plan.temps)]
-        model = nnx.merge(sampler.graphdef, sampler.params)
         if plan.window:
             state = (np.zeros((rows, plan.window), np.int32), np.zeros((rows,), np.int32))
         else:
-            state = jax.tree.map(np.asarray, model.initial_carry(rows))
-        self.carry = put((state, np.zeros((rows,), np.int32)))
+            state = jax.tree.map(np.asarray, sampler.model.initial_carry(rows))
+        self.row_sharding = parallel.data_sharded(sampler.mesh)
+        self.carry = (state, np.zeros((rows,), np.int32))
         self.row_args = put((self.prime_len, temps))
         self.scalars = (np.int32(first), np.uint32(plan.seed), np.int32(plan.top_k),
                         np.float32(plan.top_p))
@@ -411,8 +411,11 @@ class _Chunk:
         s = self.plan.block
         prime_BxS = np.zeros((self.plan.rows, s), np.int32)
         prime_BxS[:, :max(0, self.primes.shape[1] - b * s)] = self.primes[:, b * s:(b + 1) * s]
+        # Every block sees its carry with one sharding (a block returns it as the compiler chose,
+        # e.g. replicated on one device), so jit finds the one program it compiled.
+        carry = jax.device_put(self.carry, self.row_sharding)
         self.carry, drawn_SxB = _block(
-            self.sampler.graphdef, self.sampler.params, self.carry, self.put(prime_BxS),
+            self.sampler.graphdef, self.sampler.params, carry, self.put(prime_BxS),
             *self.row_args, *self.scalars, np.int32(b * s), self.first_draw,
             kernel=self.sampler.kernel, filters=self.plan.filters, window=self.plan.window)
         return drawn_SxB
@@ -527,7 +530,11 @@ def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_sa
                 bar.update(len(chunk.texts))
     except (SamplingInterrupted, KeyboardInterrupt) as e:
         name = getattr(e, "signal_name", "SIGINT")
-        if out:   # keep the finished rows: cut a row half-written by a second Ctrl-C, then rename
+        if out and not written:
+            f.close()
+            os.remove(tmp)
+            where = f"{out} was left as it was"
+        elif out:  # keep the finished rows: cut a row half-written by a second Ctrl-C, then rename
             f.truncate(kept_bytes)
             f.close()
             os.replace(tmp, out)

@@ -89,11 +89,18 @@ def _f32(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
 
 
+def _named(out, grads) -> dict:
+    """((h_T, c_T), hs) and the four gradients by name, so a failure names what differs."""
+    (h, c), hs = out
+    names = ("d_xproj", "d_kernel_rec", "d_h0", "d_c0")
+    return {"h_T": h, "c_T": c, "hs": hs, **dict(zip(names, grads))}
+
+
 def _run(scan_fn, args, weights, dtype):
-    """Outputs and the four gradients of `_loss`, under jit."""
+    """Outputs and the four gradients of `_loss`, under jit, by name."""
     out = jax.jit(lambda *a: scan_fn(*a[:2], a[2:], dtype))(*args)
     grads = jax.jit(jax.grad(_loss(scan_fn, weights, dtype), (0, 1, 2, 3)))(*args)
-    return out, grads
+    return _named(out, grads)
 
 
 CASES = [  # T, B, H, seed, scale, atol: 3x the max |error| observed over both scans
@@ -113,9 +120,7 @@ def test_scan_matches_numpy_bptt(backward, T, B, H, seed, scale, atol):
     step, or d h_0 / d c_0 / dW_hh is dropped or transposed."""
     args, weights = _inputs(jax.random.key(seed), T, B, H, scale)
     got = _run(SCANS[backward], args, weights, jnp.float32)
-    (carry, hs), grads = numpy_lstm(args, weights)
-    want = _f32((carry, hs)), _f32(grads)
-    assert_trees_close(got, want, atol=atol)
+    assert_trees_close(got, _f32(_named(*numpy_lstm(args, weights))), atol=atol)
 
 
 def test_custom_vjp_matches_autodiff():
@@ -161,7 +166,7 @@ def test_bfloat16_compute_dtype():
 
     got = _run(recurrence.lstm_scan_custom_vjp, args, weights, jnp.bfloat16)
     (carry, hs), grads = numpy_lstm(args, weights, _bf16_rounding)
-    assert_trees_close(got, (_f32((carry, hs)), _f32(grads)), atol=9e-7)
+    assert_trees_close(got, _f32(_named((carry, hs), grads)), atol=9e-7)
     _, unrounded = numpy_lstm(args, weights)
     assert max(np.abs(a - b).max() for a, b in zip(grads, unrounded)) > 1e-3
 

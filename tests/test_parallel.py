@@ -134,6 +134,8 @@ def test_gradient_accumulation_equals_the_plain_step(mode):
 
 # --- configuration errors -----------------------------------------------------------------------
 
+# In-process CLI run after JAX has started: hostenv rightly warns it cannot change the devices.
+@pytest.mark.filterwarnings("ignore:lstm_jax.hostenv:RuntimeWarning")
 def test_a_global_batch_that_does_not_split_over_the_devices_is_a_clear_error(tmp_path):
     mesh = parallel.make_mesh(jax.devices()[:8])
     with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices.*"

@@ -1,34 +1,47 @@
-"""Host (CPU) settings that make LSTM training fast on a CPU host; all safe on GPU/TPU hosts.
+"""Host (CPU) settings that make LSTM training fast and safe on a CPU host, and only there.
 
-Independent knobs, each applied to *this* process only, none of which initialises JAX:
+`setup_host(...)` is the one call a command line makes before JAX initialises its backends: it
+guesses the platform the run will use, decides (`plan_host`, a pure function of the platform, the
+model size, the environment and the core count, tested on CPU by passing "gpu" or "tpu"), applies
+the decision, and returns a `HostPlan` that prints as one start-up line. On a GPU/TPU host it
+changes nothing: every knob below is CPU-only.
 
-* `tune_cpu_allocator()`: glibc `mallopt` through ctypes. XLA's CPU runtime frees and re-allocates
-  its big temporaries (MBs) every step; with glibc's defaults they are fresh `mmap`s (page faults,
-  `munmap`) or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm.
-  Seed model (H=128, B=128, T=60, window objective), one CPU device, same run: 1,735 -> 2,463
-  samples/s (+42%). With one device per core the per-device buffers are half as big and it made no
-  difference (3,092 untuned vs 3,021 tuned, within noise). Only the pair matters: M_MMAP_MAX=0
-  alone (2,098) or M_TRIM_THRESHOLD alone (2,132) were *slower* than neither (3,087) on 2 devices;
-  M_ARENA_MAX=1 was neutral (1 device: 2,448 without it vs 2,462 with it).
-  Apply before JAX allocates anything big; `allocator_env()` gives the same settings as MALLOC_*
-  environment variables for a child process (e.g. a PyTorch baseline).
-* `configure_cpu_devices(n)`: `jax_num_cpu_devices = n` (default: the core count) so a CPU host
-  shows one JAX device per core and a data-parallel step (batch split over a 'data' mesh) uses
-  every core; with n > 1 also an XLA:CPU thread pool of 2 threads per device (PJRT_NPROC), which
-  avoids the in-process all-reduce hang, and single-threaded devices. Seed model, malloc tuned:
-  3,113 -> 3,837 samples/s on 2 cores (benchmarks/results/train_cpu.json).
-  Pays off for small hidden sizes only (`recommended_cpu_devices`). Must run before JAX
-  initialises its backends (the first array, computation or `jax.devices()` call).
-* `cpu_xla_flags(max_isa=...)`: optional XLA CPU flags, e.g. `--xla_cpu_max_isa=AVX512_BF16`
-  where the CPU exposes native bf16 dot instructions (`cpu_has_native_bf16()`); on this project's
-  VM (Zen 4 host, AVX-512 hidden by the hypervisor: AVX2 only) bf16 matmuls are emulated and
-  slower (seed model on 2 devices: 2,302 vs 3,008 samples/s f32).
+The knobs, each applied to *this* process only, none of which initialises JAX:
+
+* glibc `mallopt` (`tune_cpu_allocator`): XLA's CPU runtime frees and re-allocates its big
+  temporaries (MBs) every step; with glibc's defaults they are fresh `mmap`s (page faults, `munmap`)
+  or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm. Seed model
+  (H=128, B=128, T=60, window objective), one CPU device, same run: 1,735 -> 2,463 samples/s
+  (+42%). With one device per core the per-device buffers are half as big and it made no difference
+  (3,092 untuned vs 3,021 tuned, within noise). Only the pair matters: M_MMAP_MAX=0 alone (2,098) or
+  M_TRIM_THRESHOLD alone (2,132) were *slower* than neither (3,087) on 2 devices; M_ARENA_MAX=1 was
+  neutral (1 device: 2,448 without it vs 2,462 with it). `allocator_env()` gives the same settings
+  as MALLOC_* environment variables for a child process (e.g. a PyTorch baseline).
+* CPU device count (`jax_num_cpu_devices`): one device per core lets a data-parallel step (batch
+  split over a 'data' mesh) use every core. Pays off for small hidden sizes only
+  (`recommended_cpu_devices`): seed model, malloc tuned, 2 cores: 3,113 -> 3,837 samples/s.
+* XLA:CPU thread pool (`PJRT_NPROC`), sized from the *effective* CPU device count, whatever set it
+  (`--xla_force_host_platform_device_count` in XLA_FLAGS, `jax_num_cpu_devices` /
+  JAX_NUM_CPU_DEVICES, or the rule above): with several devices, at least 2 threads per device
+  (`MIN_POOL_THREADS_PER_DEVICE`). XLA:CPU runs every device's programs, collectives included, on
+  one shared pool; a device waiting in the in-process all-reduce holds a thread, and so does the
+  dispatch of the next step. With fewer threads the train step aborts within seconds to a minute
+  ("Termination timeout for all reduce ... Expected 8 threads to join the rendezvous, but only 7 of
+  them arrived"). 8 forced devices on 2 cores, small model, two `yes` processes loading the cores:
+  pools of 8 (XLA's default, max(cores, devices)), 9, 12 and 15 threads all aborted within 20 s;
+  16 ran 6,000 steps (twice) and the default model 5,000 steps (tests/test_hostenv.py soak test).
+  An explicit PJRT_NPROC below that bound is refused (`UnsafeHostSetting`).
+* `--xla_cpu_multi_thread_eigen=false` with several devices: each device's matmuls run on its own
+  thread (less oversubscription); this flag alone does not stop the all-reduce abort.
+* `cpu_xla_flags(max_isa=...)`: optional, e.g. `--xla_cpu_max_isa=AVX512_BF16` where the CPU exposes
+  native bf16 dot instructions (`cpu_has_native_bf16()`); on this project's VM (AVX2 only) bf16
+  matmuls are emulated and slower (seed model on 2 devices: 2,302 vs 3,008 samples/s f32).
 
 Start-up order in a CLI (before anything touches JAX arrays):
 
     from lstm_jax import hostenv
-    hostenv.tune_cpu_allocator()
-    hostenv.configure_cpu_devices(hostenv.recommended_cpu_devices(hidden_size, batch_size))
+    plan = hostenv.setup_host(hidden_size=256, batch_size=32, cpu_devices=0, tune_allocator=True)
+    print(plan.summary())
     ...                                   # then build mesh, model, train
 
 Numbers: benchmarks/bench_train.py, benchmarks/results/train_cpu.json (2-core VM shared with other
@@ -38,11 +51,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import platform
+import re
 import sys
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 # glibc <malloc.h> parameter numbers.
 M_TRIM_THRESHOLD = -1
@@ -84,8 +99,16 @@ _ENV_NAMES = {
 
 _applied: dict[str, int] = {}
 
-# Intra-op pool threads per CPU device when there are several (see configure_cpu_devices).
+# XLA:CPU pool threads per CPU device when there are several (see the module docstring): 2n - 1
+# aborted, 2n did not, for n = 2 and n = 8.
 MIN_POOL_THREADS_PER_DEVICE = 2
+
+_FORCE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+_EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+
+
+class UnsafeHostSetting(ValueError):
+    """An explicit setting that XLA:CPU is known to abort with; the message names the fix."""
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -108,12 +131,9 @@ def tune_cpu_allocator(settings: Optional[dict[str, int]] = None) -> dict[str, i
 
     `settings` maps names from `_PARAMS` (e.g. "M_MMAP_MAX") to ints; default `DEFAULT_MALLOPT`:
     no mmap-backed mallocs, no heap trimming, one arena. A no-op returning {} off glibc (macOS,
-    Windows, musl) or when `LSTM_JAX_NO_MALLOC_TUNING=1`. Harmless on GPU/TPU hosts: it changes
-    only host-side malloc (the same memory is kept for reuse instead of returned to the kernel, so
-    the resident set stays at the peak of the step instead of dropping between steps).
-
-    Measured (2-core VM, seed model H=128 B=128 T=60, custom-VJP step): +42% on one CPU device,
-    neutral with one device per core; see the module docstring.
+    Windows, musl) or when `LSTM_JAX_NO_MALLOC_TUNING=1`. It changes only host-side malloc (the
+    same memory is kept for reuse instead of returned to the kernel, so the resident set stays at
+    the peak of the step instead of dropping between steps); `setup_host` applies it on CPU runs only.
     """
     if os.environ.get("LSTM_JAX_NO_MALLOC_TUNING", "") not in ("", "0"):
         return {}
@@ -162,27 +182,185 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-_ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-cuda12-pjrt",
-                        "jax-cuda13-pjrt", "jax-rocm6-plugin", "jax-rocm7-plugin", "libtpu",
-                        "libtpu-nightly", "jax-metal")
+# --- which platform will the run use? ---------------------------------------------------------
+
+_PLUGIN_PLATFORMS = {
+    "jax-cuda12-plugin": "gpu", "jax-cuda13-plugin": "gpu", "jax-cuda12-pjrt": "gpu",
+    "jax-cuda13-pjrt": "gpu", "jax-rocm6-plugin": "gpu", "jax-rocm7-plugin": "gpu",
+    "libtpu": "tpu", "libtpu-nightly": "tpu", "jax-metal": "METAL",
+}
+_ALIASES = {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu", "cpu": "cpu", "metal": "METAL"}
 
 
-def default_backend_is_cpu() -> bool:
-    """Best guess, without initialising JAX, that the default backend will be the CPU: true when
-    JAX_PLATFORMS / jax_platforms names cpu first, or when no accelerator plugin is installed."""
+def normalize_platform(name: str) -> str:
+    """'cuda'/'rocm'/'gpu' -> 'gpu'; 'cpu', 'tpu' as they are (JAX's `default_backend()` names)."""
+    return _ALIASES.get(name.strip().lower(), name.strip())
+
+
+def guess_platform() -> str:
+    """The platform of JAX's default backend, without initialising JAX when it is not yet.
+
+    Exact once JAX's backends are up; before that: the first entry of JAX_PLATFORMS /
+    jax_platforms, else the installed accelerator plugin (jax-cuda*/rocm* -> 'gpu', libtpu ->
+    'tpu'), else 'cpu'. A plugin installed on a host without its device makes this guess 'gpu'
+    where JAX falls back to the CPU: `HostPlan.confirm` names that after start-up.
+    """
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if "jax" in sys.modules:
         platforms = sys.modules["jax"].config.jax_platforms or platforms
+        if _backends_initialized():
+            return normalize_platform(sys.modules["jax"].default_backend())
     if platforms:
-        return platforms.split(",")[0].strip() == "cpu"
+        return normalize_platform(platforms.split(",")[0])
     from importlib import metadata
-    for dist in _ACCELERATOR_PLUGINS:
+    for dist, name in _PLUGIN_PLATFORMS.items():
         try:
             metadata.version(dist)
-            return False
+            return name
         except metadata.PackageNotFoundError:
             continue
-    return True
+    return "cpu"
+
+
+def default_backend_is_cpu() -> bool:
+    """Best guess, without initialising JAX, that the default backend will be the CPU."""
+    return guess_platform() == "cpu"
+
+
+# --- the decision: a pure function of its arguments ----------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HostPlan:
+    """What `plan_host` decided for this process, and why (`summary()` is the start-up line).
+
+    `cpu_devices` is the effective CPU device count (None when the run is not on the CPU);
+    `num_cpu_devices`, `pool_threads` and `xla_flags` are what `apply_plan` sets (None / () =
+    leave as it is); `source` names what fixed the device count.
+    """
+    platform: str
+    cpu_devices: Optional[int] = None
+    source: str = ""
+    num_cpu_devices: Optional[int] = None
+    pool_threads: Optional[int] = None
+    xla_flags: tuple[str, ...] = ()
+    tune_allocator: bool = False
+    notes: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        if self.platform != "cpu":
+            return f"host: {self.platform} backend; CPU host tuning skipped" + "".join(
+                f"; {n}" for n in self.notes)
+        parts = [f"host: cpu, {self.cpu_devices} CPU device(s) ({self.source})"]
+        if self.pool_threads:
+            parts.append(f"XLA:CPU pool {self.pool_threads} threads (PJRT_NPROC)")
+        parts += [f for f in self.xla_flags]
+        parts.append("malloc tuned" if self.tune_allocator else "malloc untuned")
+        return ", ".join(parts) + "".join(f"; {n}" for n in self.notes)
+
+    def confirm(self, actual_platform: str) -> Optional[str]:
+        """None if the guessed platform was right; else a one-line note for the start-up log."""
+        actual = normalize_platform(actual_platform)
+        if actual == self.platform:
+            return None
+        if actual == "cpu":
+            return (f"note: hostenv expected a {self.platform} backend but JAX runs on the CPU, so "
+                    f"the CPU host settings were not applied; set JAX_PLATFORMS=cpu to get them")
+        return (f"note: hostenv expected a {self.platform} backend but JAX runs on {actual}; the "
+                f"CPU host settings applied do not affect it")
+
+
+def forced_cpu_device_count(xla_flags: str) -> Optional[int]:
+    """N from `--xla_force_host_platform_device_count=N` in an XLA_FLAGS string (last one wins)."""
+    found = re.findall(rf"{_FORCE_COUNT_FLAG}=(\S*)", xla_flags)
+    if not found:
+        return None
+    try:
+        n = int(found[-1])
+    except ValueError:
+        raise ValueError(f"XLA_FLAGS has {_FORCE_COUNT_FLAG}={found[-1]}; it must be a positive "
+                         f"integer") from None
+    if n < 1:
+        raise ValueError(f"XLA_FLAGS has {_FORCE_COUNT_FLAG}={n}; it must be >= 1")
+    return n
+
+
+def plan_host(*, platform: str, hidden_size: int, batch_size: int, cpu_devices: int = 0,
+              tune_allocator: bool = True, env: Mapping[str, str] = {}, cores: int = 1,
+              jax_num_cpu_devices: int = -1, single_threaded_devices: bool = True) -> HostPlan:
+    """Decides the host settings for one run; pure (reads only its arguments).
+
+    platform: JAX's default backend for the run ('cpu', 'gpu', 'tpu', ...). Off the CPU nothing is
+      planned: allocator, device count and pool are CPU-only.
+    hidden_size, batch_size: the model width and the (micro-)batch per step, for the auto rule.
+    cpu_devices: `parallel.cpu_devices`: 0 = auto (`recommended_cpu_devices`), -1 = one per core,
+      n > 0 = n. An explicit count in the environment wins over it: `jax_num_cpu_devices` >= 1
+      (JAX uses it over the XLA flag), then `--xla_force_host_platform_device_count` in
+      env["XLA_FLAGS"].
+    env: the process environment (XLA_FLAGS, PJRT_NPROC, NPROC). cores: usable cores.
+    Raises UnsafeHostSetting when env pins PJRT_NPROC below 2 threads per device.
+    """
+    platform = normalize_platform(platform)
+    if platform != "cpu":
+        return HostPlan(platform=platform)
+    if int(cpu_devices) < -1:
+        raise ValueError(f"parallel.cpu_devices must be -1 (one per core), 0 (auto) or a positive "
+                         f"count, got {cpu_devices}")
+    xla_flags = env.get("XLA_FLAGS", "")
+    forced = forced_cpu_device_count(xla_flags)
+    notes = []
+    num_cpu_devices = None
+    if jax_num_cpu_devices is not None and jax_num_cpu_devices >= 1:
+        n, source = int(jax_num_cpu_devices), "jax_num_cpu_devices"
+    elif forced is not None:
+        n, source = forced, "XLA_FLAGS"
+    elif cpu_devices > 0:
+        n, source = int(cpu_devices), "parallel.cpu_devices"
+    elif cpu_devices == -1:
+        n, source = max(cores, 1), "one per core"
+    else:
+        n = recommended_cpu_devices(hidden_size, batch_size, cores=cores)
+        source = f"auto: hidden {hidden_size}, batch {batch_size}, {cores} cores"
+    if source in ("jax_num_cpu_devices", "XLA_FLAGS") and cpu_devices > 0 and cpu_devices != n:
+        notes.append(f"parallel.cpu_devices={cpu_devices} ignored: {source} sets {n}")
+    if source not in ("jax_num_cpu_devices", "XLA_FLAGS"):
+        num_cpu_devices = n
+    pool_threads, flags = None, []
+    if n > 1:
+        need = MIN_POOL_THREADS_PER_DEVICE * n
+        pinned = env.get("PJRT_NPROC", "")
+        if pinned:
+            try:
+                pinned_n = int(pinned)
+            except ValueError:
+                raise UnsafeHostSetting(f"PJRT_NPROC={pinned!r} is not an integer; unset it or "
+                                        f"set it to at least {need}") from None
+            if pinned_n < need:
+                raise UnsafeHostSetting(
+                    f"PJRT_NPROC={pinned_n} gives XLA:CPU fewer than {MIN_POOL_THREADS_PER_DEVICE} "
+                    f"threads for each of the {n} CPU devices, and its in-process all-reduce then "
+                    f"aborts ('Expected {n} threads to join the rendezvous'); unset PJRT_NPROC or "
+                    f"set it to at least {need}")
+        else:   # PJRT_NPROC wins over NPROC (a CI core reservation), which may be too small
+            pool_threads = max(cores, need)
+        if single_threaded_devices and not re.search(rf"{_EIGEN_FLAG}(=|\s|$)", xla_flags):
+            flags.append(f"{_EIGEN_FLAG}=false")
+    return HostPlan(platform="cpu", cpu_devices=n, source=source, num_cpu_devices=num_cpu_devices,
+                    pool_threads=pool_threads, xla_flags=tuple(flags),
+                    tune_allocator=bool(tune_allocator), notes=tuple(notes))
+
+
+# --- applying it -----------------------------------------------------------------------------
+
+def _jax_num_cpu_devices() -> int:
+    """The explicit `jax_num_cpu_devices` (config, or JAX_NUM_CPU_DEVICES before jax is imported)."""
+    if "jax" in sys.modules:
+        value = sys.modules["jax"].config.jax_num_cpu_devices
+        return -1 if value is None else int(value)
+    raw = os.environ.get("JAX_NUM_CPU_DEVICES", "")
+    try:
+        return int(raw) if raw else -1
+    except ValueError:
+        raise ValueError(f"JAX_NUM_CPU_DEVICES={raw!r} must be an integer") from None
 
 
 def _add_xla_flag(flag: str) -> bool:
@@ -195,59 +373,73 @@ def _add_xla_flag(flag: str) -> bool:
     return True
 
 
+def apply_plan(plan: HostPlan) -> bool:
+    """Applies a CPU `HostPlan` to this process; True if the device settings took effect.
+
+    The allocator is tuned whenever the plan says so; the device count, pool size and XLA flags
+    only before JAX initialises its backends (called later it warns and leaves them).
+    """
+    if plan.platform != "cpu":
+        return True
+    if plan.tune_allocator:
+        tune_cpu_allocator()
+    if plan.num_cpu_devices is None and plan.pool_threads is None and not plan.xla_flags:
+        return True
+    if _backends_initialized():
+        warnings.warn(
+            "lstm_jax.hostenv: JAX initialised its backends before the host settings were applied; "
+            "the CPU device count and XLA:CPU pool stay as they are. Call it before any JAX "
+            "computation.", RuntimeWarning, stacklevel=3)
+        return False
+    if plan.num_cpu_devices is not None:
+        import jax  # importing does not initialise backends
+        jax.config.update("jax_num_cpu_devices", plan.num_cpu_devices)
+    if plan.pool_threads is not None:
+        os.environ["PJRT_NPROC"] = str(plan.pool_threads)
+    for flag in plan.xla_flags:
+        _add_xla_flag(flag)
+    return True
+
+
+def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
+               tune_allocator: bool = True, platform: Optional[str] = None) -> HostPlan:
+    """Decides and applies the host settings for one run; returns the plan (print `summary()`).
+
+    The CLI's one call, before JAX initialises its backends. `platform` defaults to
+    `guess_platform()`; off the CPU nothing is changed. Raises UnsafeHostSetting (a ValueError)
+    with a one-line fix for an explicit PJRT_NPROC that XLA:CPU would abort with.
+    """
+    plan = plan_host(platform=platform or guess_platform(), hidden_size=hidden_size,
+                     batch_size=batch_size, cpu_devices=cpu_devices, tune_allocator=tune_allocator,
+                     env=dict(os.environ), cores=cpu_count(),
+                     jax_num_cpu_devices=_jax_num_cpu_devices())
+    apply_plan(plan)
+    return plan
+
+
 def configure_cpu_devices(n: Optional[int] = None, *,
                           single_threaded_devices: bool = True) -> Optional[int]:
     """Makes JAX's CPU backend expose `n` devices (default: one per core); returns n, or None.
 
-    Must be called before JAX initialises its backends, i.e. before the first JAX computation,
-    array creation or `jax.devices()` call (importing jax is fine). Called too late it changes
-    nothing, warns, and returns None. Leaves an explicit `jax_num_cpu_devices` or
-    `--xla_force_host_platform_device_count` alone (returns None). Does nothing (returns None) when
-    the default backend will not be the CPU (`default_backend_is_cpu()`), so GPU/TPU hosts are
-    unaffected.
-
-    With n > 1 it gives XLA:CPU's thread pool two threads per device (`PJRT_NPROC`, unless set):
-    with one per device the in-process all-reduce aborts within a few hundred steps ("Expected 2
-    threads to join the rendezvous"); see the comment in the body. With `single_threaded_devices`
-    it also sets `--xla_cpu_multi_thread_eigen=false` (unless XLA_FLAGS names it), so each device's
-    matmuls run on its own thread (less oversubscription); that flag alone does not stop the hang.
-
-    What it buys: a data-parallel train step (batch split over the devices) runs each half's small
-    (B/n, H) x (H, 4H) matmuls and elementwise loops on its own core; one XLA CPU device runs these
-    on one core at a time. Best for small hidden sizes; for large ones one multi-threaded device
-    wins (see `recommended_cpu_devices`).
+    For library users and benchmarks (the CLI calls `setup_host`). Must be called before JAX
+    initialises its backends (the first computation, array or `jax.devices()` call; importing jax
+    is fine); called too late it changes nothing, warns, and returns None. An explicit
+    `jax_num_cpu_devices` or `--xla_force_host_platform_device_count` keeps its count (returns
+    None), but the XLA:CPU pool is still sized for that effective count. Off the CPU
+    (`guess_platform()`) it does nothing and returns None. With more than one device: a pool of at
+    least 2 threads per device (PJRT_NPROC, unless set; an explicit one below that raises
+    UnsafeHostSetting) and, with `single_threaded_devices`, `--xla_cpu_multi_thread_eigen=false`.
     """
-    if n is None:
-        n = cpu_count()
-    n = int(n)
-    if n < 1:
+    if n is not None and int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    if "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    plan = plan_host(platform=guess_platform(), hidden_size=0, batch_size=0,
+                     cpu_devices=-1 if n is None else int(n), tune_allocator=False,
+                     env=dict(os.environ), cores=cpu_count(),
+                     jax_num_cpu_devices=_jax_num_cpu_devices(),
+                     single_threaded_devices=single_threaded_devices)
+    if plan.platform != "cpu" or not apply_plan(plan):
         return None
-    if not default_backend_is_cpu():
-        return None
-    import jax  # importing does not initialise backends
-    if jax.config.jax_num_cpu_devices not in (-1, None):
-        return None
-    if _backends_initialized():
-        warnings.warn(
-            "lstm_jax.hostenv.configure_cpu_devices() was called after JAX initialised its "
-            "backends; the CPU device count stays as it is. Call it before any JAX computation.",
-            RuntimeWarning, stacklevel=2)
-        return None
-    jax.config.update("jax_num_cpu_devices", n)
-    if n > 1:
-        # XLA:CPU runs every device's thunks, collectives included, on one shared pool of
-        # max(cores, devices) threads; a device blocked in an all-reduce holds a thread while its
-        # peer may need threads to get there. With 2 devices on 2 cores the step aborted within
-        # 500 steps ("Expected 2 threads to join the rendezvous") with pools of 2 and 3 threads,
-        # and ran 20,000+ steps without a hang with 4 (= 2 per device), --xla_cpu_multi_thread_eigen
-        # on or off (tests/test_recurrence.py::test_two_cpu_devices_soak_does_not_hang).
-        if not (os.environ.get("PJRT_NPROC") or os.environ.get("NPROC")):
-            os.environ["PJRT_NPROC"] = str(max(cpu_count(), MIN_POOL_THREADS_PER_DEVICE * n))
-        if single_threaded_devices:
-            _add_xla_flag("--xla_cpu_multi_thread_eigen=false")
-    return n
+    return plan.num_cpu_devices
 
 
 # Largest hidden size for which one CPU device per core beat one multi-threaded device in the
@@ -256,15 +448,16 @@ def configure_cpu_devices(n: Optional[int] = None, *,
 PER_CORE_DEVICES_MAX_HIDDEN = 192
 
 
-def recommended_cpu_devices(hidden_size: int, batch_size: int = 128) -> int:
-    """How many CPU devices `configure_cpu_devices` should make for this model on this host.
+def recommended_cpu_devices(hidden_size: int, batch_size: int = 128,
+                            cores: Optional[int] = None) -> int:
+    """How many CPU devices suit this model on a host with `cores` cores (default: this one).
 
     One per core for small LSTMs, whose per-step matmuls are too small to use several cores from
     one device; one (multi-threaded) device for large ones, whose GEMMs already use every core and
     which lose more to the smaller per-device batch than they gain. Also one device when the batch
     does not split evenly over the cores (the data-parallel step needs it to).
     """
-    cores = cpu_count()
+    cores = cpu_count() if cores is None else cores
     if cores < 2 or hidden_size > PER_CORE_DEVICES_MAX_HIDDEN or batch_size % cores:
         return 1
     return cores
@@ -309,6 +502,7 @@ def describe() -> dict:
         "native_bf16": cpu_has_native_bf16(),
         "mallopt": applied_allocator_settings(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "pjrt_nproc": os.environ.get("PJRT_NPROC", ""),
     }
     try:
         with open("/proc/cpuinfo") as f:

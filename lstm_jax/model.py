@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lstm_jax import recurrence
+from lstm_jax import cudnn, recurrence
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]  # one (h_BxH, c_BxH) per layer
 
@@ -41,6 +41,7 @@ class ModelConfig:
     dtype: str = "float32"        # compute dtype of the matmuls (cell state stays float32)
     param_dtype: str = "float32"
     backward: str = "custom"      # custom (hand-written BPTT) | autodiff (jax.grad of the scan)
+                                  # | cudnn (jax.experimental.rnn on a CUDA GPU; see lstm_jax.cudnn)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers"):
@@ -49,8 +50,11 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
-        if self.backward not in ("custom", "autodiff"):
-            raise ValueError(f"model.backward must be 'custom' or 'autodiff', got {self.backward!r}")
+        if self.backward not in ("custom", "autodiff", "cudnn"):
+            raise ValueError(f"model.backward must be 'custom', 'autodiff' or 'cudnn', got "
+                             f"{self.backward!r}")
+        if self.backward == "cudnn":
+            cudnn.check_model_config(self)
 
 
 class LSTMLayer(nnx.Module):
@@ -120,7 +124,13 @@ class CharLSTM(nnx.Module):
         """Logits for every position (B, T, V), or only the last one (B, V) if `last_only`.
 
         Dropout (between layers and before the head) is applied only when `dropout_key` is given.
+        backward="cudnn" runs `cudnn.forward` where cuDNN is available, else the same function
+        through the scan (so its checkpoints evaluate anywhere).
         """
+        if self.config.backward == "cudnn" and cudnn.runs_cudnn():
+            return cudnn.forward(self, tokens_BxT, carry, dropout_key=dropout_key,
+                                 last_only=last_only, return_carry=return_carry)
+        backward = "custom" if self.config.backward == "cudnn" else self.config.backward
         batch_size = tokens_BxT.shape[0]
         if carry is None:
             carry = self.initial_carry(batch_size)
@@ -135,7 +145,7 @@ class CharLSTM(nnx.Module):
                 xproj = jnp.dot(x_TxBxH.astype(dt), layer.kernel_in[...].astype(dt),
                                 preferred_element_type=jnp.float32) + bias
             layer_carry, x_TxBxH = recurrence.lstm_layer(xproj, layer.kernel_rec[...], carry[i], dt,
-                                                         backward=self.config.backward)
+                                                         backward=backward)
             new_carry.append(layer_carry)
             if dropout_key is not None and self.config.dropout > 0:
                 keep = 1.0 - self.config.dropout

@@ -267,7 +267,10 @@ def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry
 
     backward="autodiff": `lstm_scan`, differentiated by JAX (the reference).
     backward="custom":   `lstm_scan_custom_vjp`, hand-written BPTT; faster to train on CPU.
-    Both return ((h_T, c_T), hs_TxBxH) and agree to float32 rounding, forward and backward.
+    Both return ((h_T, c_T), hs_TxBxH). In float32 they agree to rounding, forward and backward;
+    with a bfloat16 `dtype` the forwards agree, but jax.grad runs the transposed matmuls in
+    float32 where the custom backward runs them in bfloat16, so gradients differ by bfloat16
+    rounding (~1e-3 relative).
     """
     if backward == "autodiff":
         return lstm_scan(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype)

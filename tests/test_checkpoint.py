@@ -105,8 +105,8 @@ def snapshot(directory) -> dict:
 
 
 def start_worker(args: list[str], log_path: pathlib.Path, **env) -> subprocess.Popen:
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]), **env}
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(   # a PYTHONPATH copy of the package wins
+        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [str(REPO)]), **env}
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=log,
                                 stderr=subprocess.STDOUT, env=environ, cwd=REPO)
@@ -206,20 +206,27 @@ def test_exact_resume_with_pmap_on_two_devices(tmp_path, corpus):
 
 
 def test_checkpoint_metadata_describes_the_run(reference, run_on_8_devices):
-    import lstm_jax
+    """What a resume needs, checked against independent figures: fails if the data position, the
+    global batch, the schedule, the epoch's running loss or the device count are saved wrong."""
     from lstm_jax import corpora
     meta = read_metadata(reference.workdir)
     assert meta["config"] == json.loads((reference.workdir / "config.json").read_text())
-    assert meta["config"]["model"]["hidden_size"] == 16
-    assert meta["vocab"] == json.loads((reference.workdir / "vocab.json").read_text())["chars"]
     assert meta["vocab"] == sorted(set(TEXT))
-    assert meta["corpus_fingerprint"] == corpora.corpus_fingerprint(TEXT)
-    assert meta["step"] == 20 and meta["epoch"] * meta["steps_per_epoch"] + meta["batch_in_epoch"] == 20
-    assert meta["jax_version"] == jax.__version__
-    assert meta["lstm_jax_version"] == lstm_jax.__version__
+    assert meta["corpus_fingerprint"] == hashlib.sha256(TEXT.encode()).hexdigest()
+    train_chars = len(TEXT) - int(len(TEXT) * 0.05)            # the 5% held-out tail
+    per_epoch = (train_chars - 20) // 20 // 16                  # 20-char chunks, batch 16
+    assert (meta["steps_per_epoch"], meta["epoch"], meta["batch_in_epoch"]) == (per_epoch, 0, 20)
+    assert meta["step"] == 20 and meta["global_batch"] == 16 and meta["total_steps"] == 20
+    assert meta["lr_pieces"] == train.lr_segments(base_config("x"), 20)
+    logged = [r for r in map(json.loads, (reference.workdir / "metrics.jsonl").open()) if "train_loss" in r]
+    assert [r["step"] for r in logged] == [5, 10, 15, 20]       # log_every 5: means of 5 steps
+    assert meta["epoch_loss"]["epoch"] == 0 and meta["epoch_loss"]["steps"] == 20
+    np.testing.assert_allclose(meta["epoch_loss"]["sum"], 5 * sum(r["train_loss"] for r in logged), rtol=1e-6)
+    assert 0 < meta["elapsed_s"] and meta["val_loss"] == pytest.approx(reference.result.metrics["val_loss"])
     # the device count the run trained on (its mesh), not how many devices the process had
     assert meta["num_devices"] == 1
     assert read_metadata(run_on_8_devices.workdir)["num_devices"] == 8
+    assert corpora.corpus_fingerprint(TEXT) == meta["corpus_fingerprint"]
 
 
 # --- preemption ------------------------------------------------------------------------------
@@ -375,6 +382,10 @@ def test_restore_model_onto_a_different_device_count(tmp_path, run_on_8_devices,
 
 
 def test_sample_cli_needs_only_the_workdir_on_one_device(tmp_path, run_on_8_devices):
+    """`lstm-jax sample` in a fresh one-device process, from an 8-device run's workdir alone: the
+    rows have the asked length, temperatures and prime, and the greedy row is the argmax chain of
+    the trained model run step by step here. Fails if the wrong params or vocabulary are
+    restored, or the flags are not honoured."""
     log, out_path = tmp_path / "sample.log", tmp_path / "samples.jsonl"
     rc, out = finish(start_worker(["sample", "--workdir", str(run_on_8_devices.workdir),
                                    "--num_samples=2", "--length=20", "--temperature=0,1",
@@ -382,8 +393,18 @@ def test_sample_cli_needs_only_the_workdir_on_one_device(tmp_path, run_on_8_devi
                                   log, LSTM_JAX_TEST_DEVICES="1"), log)
     assert rc == 0, out
     rows = [json.loads(line) for line in out_path.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 2
-    assert all(set(r["text"]) <= set(TEXT) for r in rows)
+    assert [(r["index"], r["temperature"], r["prime"], len(r["text"])) for r in rows] == \
+        [(0, 0.0, "the ", 20), (1, 1.0, "the ", 20)]
+    model, vocab = run_on_8_devices.result.model, run_on_8_devices.result.vocab
+    carry, token = model.initial_carry(1), None
+    for char in "the ":
+        logits, carry = model.step(jnp.array([vocab.chars.index(char)]), carry)
+    greedy = []
+    for _ in range(20):
+        token = int(jnp.argmax(logits[0]))
+        greedy.append(vocab.chars[token])
+        logits, carry = model.step(jnp.array([token]), carry)
+    assert rows[0]["text"] == "".join(greedy)
 
 
 # --- mismatches ------------------------------------------------------------------------------
@@ -447,3 +468,61 @@ def test_cli_refuses_a_model_override_unless_new_run_and_keeps_the_old_run(tmp_p
     old_model, _, old_config = train.restore_model(aside)   # and still usable
     assert old_config.model.hidden_size == 16
     assert_same_arrays(param_arrays(old_model), reference.params)
+
+
+# --- checkpoint faults and --step -------------------------------------------------------------
+
+def _truncate_largest_file(step_dir: pathlib.Path) -> None:
+    """Cuts the step's biggest data file in half, as a crash or a bad disk would."""
+    biggest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_readable_one(tmp_path, corpus,
+                                                                               reference):
+    """Step 20 truncated: sampling restores step 15 with a warning; training resumes from 15,
+    moves 20 out of the way (kept, under unreadable_checkpoints/) and redoes it bit-exactly.
+    Fails if either dies on the TensorStore error (as both did) or picks another step."""
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    _truncate_largest_file(workdir / "checkpoints" / "20")
+    with pytest.warns(RuntimeWarning, match=r"checkpoint step 20 .* is unreadable .*; using step 15"):
+        model, _, _ = train.restore_model(workdir)
+    at_15, _, _ = train.restore_model(reference.workdir, step=15)
+    assert_same_arrays(param_arrays(model), param_arrays(at_15))
+
+    with pytest.warns(RuntimeWarning, match="using step 15"):
+        resumed = train.train_and_evaluate(base_config(corpus), workdir, progress=False)
+    assert resumed.step == 20
+    assert_same_arrays(param_arrays(resumed.model), reference.params)
+    assert (workdir / "unreadable_checkpoints" / "20").is_dir()
+    assert latest_step(workdir) == 20
+
+
+def test_no_readable_checkpoint_is_a_one_line_error(tmp_path, reference):
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    for step in steps_on_disk(workdir):
+        _truncate_largest_file(workdir / "checkpoints" / str(step))
+    with pytest.raises(SystemExit) as error:
+        cli.main(["lstm-jax", "sample", "--workdir", str(workdir), "--length=5"])
+    message = str(error.value.code)
+    assert message.startswith("lstm-jax: error: no readable checkpoint in") and "\n" not in message
+    assert "step 20:" in message and "step 10:" in message
+
+
+def test_train_step_flag_resumes_an_earlier_checkpoint_and_sets_later_ones_aside(tmp_path, corpus,
+                                                                                 reference, capsys):
+    """`lstm-jax train --step 10` on a finished 20-step run: steps 15 and 20 move to
+    abandoned_checkpoints/ (kept), the metrics after step 10 are dropped, and retraining from 10
+    reproduces the same step-20 params."""
+    workdir = shutil.copytree(reference.workdir, tmp_path / "run")
+    assert cli.main(["lstm-jax", "train", "--workdir", str(workdir), "--progress=False", "--step=10",
+                     *cli_flags(base_config(corpus))]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "from step 10" in out
+    assert sorted(p.name for p in (workdir / "abandoned_checkpoints").iterdir()) == ["15", "20"]
+    assert_same_arrays(checkpoint_arrays(workdir, 20), checkpoint_arrays(reference.workdir, 20))
+    train_steps = [r["step"] for r in map(json.loads, (workdir / "metrics.jsonl").open()) if "train_loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 20
+    with pytest.raises(SystemExit, match="no checkpoint at step 12 .* saved steps: \\[10, 15, 20\\]"):
+        cli.main(["lstm-jax", "train", "--workdir", str(reference.workdir), "--step=12",
+                  *cli_flags(base_config(corpus))])

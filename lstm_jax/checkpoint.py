@@ -47,17 +47,18 @@ class Checkpointer:
     """Saves/restores the train state (a pytree) with JSON metadata beside it."""
 
     def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 3, keep_best: bool = True,
-                 read_only: bool = False):
+                 best_metric: str = "val_loss", read_only: bool = False):
         keep: list = [policies.LatestN(n=max_to_keep)]
+        metric = lambda m: m.get(best_metric, float("inf"))   # noqa: E731 - lower is better
         if keep_best:
-            keep.append(policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+            keep.append(policies.BestN(get_metric_fn=metric, reverse=True, n=1,
                                        keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep), create=not read_only,
             read_only=read_only, enable_async_checkpointing=True,
             # best_fn makes Orbax write each step's metrics beside it, so BestN still knows the
             # best checkpoint after a restart (and best_step() returns it, not the latest).
-            best_fn=(lambda m: m["val_loss"]) if keep_best else None, best_mode="min")
+            best_fn=metric if keep_best else None, best_mode="min")
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / CHECKPOINT_DIR
         if read_only and not self.directory.is_dir():
@@ -75,12 +76,16 @@ class Checkpointer:
     def best_step(self) -> Optional[int]:
         return self.manager.best_step()
 
-    def save(self, step: int, state: Any, metadata: dict, val_loss: Optional[float] = None) -> None:
-        """Starts an asynchronous save (collective: every process calls it)."""
+    def save(self, step: int, state: Any, metadata: dict, val_loss: Optional[float] = None,
+             metrics: Optional[dict] = None) -> None:
+        """Starts an asynchronous save (collective: every process calls it). `metrics` (or
+        `val_loss` alone) rank the checkpoint for keep_best."""
+        if metrics is None and val_loss is not None:
+            metrics = {"val_loss": val_loss}
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           metadata=ocp.args.JsonSave(metadata)),
-            metrics=None if val_loss is None else {"val_loss": float(val_loss)}, force=True)
+            metrics={k: float(v) for k, v in metrics.items()} if metrics else None, force=True)
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """Restores into the shapes and shardings of `abstract_state` (any device count)."""
@@ -94,7 +99,8 @@ class Checkpointer:
                          ) -> tuple[int, Any, dict, list[int]]:
         """(step, state, metadata, unreadable steps): `step` if given (an error if it cannot be
         read), else the newest step that restores, warning about each newer one that does not.
-        `check(metadata)` runs before the state is read and may raise to refuse the run."""
+        `check(metadata)` runs before the state is read and may raise to refuse the run;
+        `abstract_state` may be a function of the step's metadata."""
         steps = self.all_steps()
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; saved steps: "
@@ -109,7 +115,8 @@ class Checkpointer:
             if check is not None:
                 check(meta)
             try:
-                state, meta = self.restore(abstract_state, s)
+                target = abstract_state(meta) if callable(abstract_state) else abstract_state
+                state, meta = self.restore(target, s)
             except Exception as e:  # noqa: BLE001
                 failures[s] = _reason(e)
                 continue

@@ -1,4 +1,4 @@
-"""The `lstm-jax` command line: train | sample | prepare | plot. Nothing else parses flags.
+"""The `lstm-jax` command line: train | sample | eval | prepare | plot. Nothing else parses flags.
 
 Flags use absl; `--config` takes a configs/*.py file (default: the built-in default config) and
 `--config.FIELD=VALUE` overrides any field, as in the Flax examples.
@@ -22,6 +22,7 @@ from lstm_jax import hostenv  # light: imports no JAX
 COMMANDS = {
     "train": "train a model (resumes from the workdir's latest checkpoint)",
     "sample": "generate text from a trained workdir",
+    "eval": "bits per char of a trained model on a whole text (default: its held-out split)",
     "prepare": "encode a corpus once into memory-mappable train/val arrays",
     "plot": "draw a run's loss curves (metrics.jsonl) to a PNG",
 }
@@ -200,6 +201,34 @@ def sample(argv: Sequence[str]) -> int:
     return 0
 
 
+def evaluate(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "trained run directory", flag_values=fv)
+    flags.DEFINE_string("text", None, "UTF-8 text file to evaluate (default: the run's held-out split)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest readable)", flag_values=fv)
+    flags.DEFINE_bool("drop_unknown", False, "drop (and count) characters outside the run's vocabulary instead of failing", flag_values=fv)
+    flags.DEFINE_integer("streams", 64, "parallel streams the text is cut into (each read with its state carried)", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    _define_common(fv)
+    _parse(fv, argv, "eval")
+    import json
+    import pathlib
+    from lstm_jax import corpora, loop
+    debug, path = fv["debug"].value, fv["text"].value
+    text = _friendly(lambda: corpora.load_text(path), debug) if path else None
+    result = _friendly(lambda: loop.evaluate_text(fv["workdir"].value, text, step=fv["step"].value,
+                                                  drop_unknown=fv["drop_unknown"].value,
+                                                  streams=fv["streams"].value), debug)
+    result["source"] = path or result["source"]
+    print(f"{result['text_bpc']:.4f} bits/char ({result['text_loss']:.4f} nats) on {result['source']}: "
+          f"{result['chars']:,} chars in {result['streams']} stream{'s' * (result['streams'] > 1)}, "
+          f"step {result['step']}"
+          + (f"; dropped {result['dropped_unknown']:,} unknown chars" if result["dropped_unknown"] else ""))
+    with open(pathlib.Path(fv["workdir"].value) / "eval.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+    return 0
+
+
 def prepare(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("out", None, "output directory for train.bin, val.bin, vocab.json", flag_values=fv)
@@ -317,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"lstm-jax: unknown command {command!r}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
-    return {"train": train, "sample": sample, "prepare": prepare, "plot": plot}[command](
+    return {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot}[command](
         [f"lstm-jax {command}"] + argv[2:]) or 0
 
 

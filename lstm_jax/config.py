@@ -20,9 +20,10 @@ import ml_collections
 # (workdir.resume_differences).
 RESUMABLE_FIELDS = (
     "num_epochs", "max_steps", "log_every", "eval_every", "eval_window", "eval_stride",
-    "eval_max_windows", "encoding_errors", "model.backward",
+    "eval_max_windows", "eval_text", "encoding_errors", "model.backward",
     "sample.temperatures", "sample.length", "sample.every_epochs", "sample.prime",
     "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.keep_best",
+    "checkpoint.best_metric", "checkpoint.early_stop_evals",
     "parallel.mode", "parallel.num_devices", "parallel.cpu_devices", "parallel.tune_allocator",
     "parallel.distributed", "parallel.coordinator_address", "parallel.num_processes",
     "parallel.process_id",
@@ -38,7 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.encoding_errors = "strict"   # how undecodable bytes are handled: strict | replace | ignore
     c.vocab = "chars"              # chars (sorted distinct characters) | bytes (UTF-8 bytes, V = 256)
     c.val_fraction = 0.05          # held-out tail of the corpus used for validation
-    c.objective = "sequence"       # window (seed: loss on the char after each window) | sequence
+    c.objective = "sequence"       # window (Keras: loss on the char after each window) | sequence
+                                   # (every position, zero state per row) | stream (every position,
+                                   # B contiguous streams, the LSTM state carried between steps)
     c.seq_len = 64                 # window length (seed: 60) or chunk length T for `sequence`
     c.window_step = 3              # window objective: a window starts every `window_step` chars
     c.batch_size = 32              # global batch (all devices, all processes)
@@ -55,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.backward = "custom"    # custom (hand BPTT) | autodiff (jax.grad of the scan) | cudnn (GPU)
     # --- optimisation ---------------------------------------------------------------------------
     c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "rmsprop"       # rmsprop (Keras-identical) | adam | adamw
     c.optimizer.learning_rate = 0.01   # Keras RMSprop default
+    c.optimizer.weight_decay = 0.0     # adamw: decoupled decay; rmsprop/adam: L2 added to the gradient
     c.optimizer.decay = 0.9            # RMSprop rho
     c.optimizer.eps = 1e-7             # Keras epsilon, inside the sqrt
     c.optimizer.clip_norm = 5.0        # global-norm gradient clipping; 0 disables (seed: none)
@@ -71,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_window = 60                 # held-out windows of this length give val_last_loss
     c.eval_stride = 3                  # ... one starting every eval_stride chars (seed: 3)
     c.eval_max_windows = 2048          # cap on held-out windows per evaluation (evenly spaced)
+    c.eval_text = True                 # also val_text_bpc: the whole held-out text, state carried
     c.sample = ml_collections.ConfigDict()
     c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the seed's four
     c.sample.length = 400              # chars per sample
@@ -80,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # save every N steps (and at each epoch end and the end)
     c.checkpoint.max_to_keep = 3       # keep the last K ...
-    c.checkpoint.keep_best = True      # ... plus the best by val_loss
+    c.checkpoint.keep_best = True      # ... plus the best by best_metric
+    c.checkpoint.best_metric = "val_loss"  # val_loss (windows) | val_text_bpc (whole held-out text)
+    c.checkpoint.early_stop_evals = 0  # stop after N evaluations without a new best; 0 = never
     # --- parallelism and host -------------------------------------------------------------------
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"           # mesh (jit over a ('data',) mesh) | pmap
@@ -118,6 +126,23 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"config file {path}: get_config() returned {type(config).__name__}, "
                          f"not an ml_collections.ConfigDict")
+    return config
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config.json on top of today's defaults: fields added since it was written
+    take their default values (which reproduce the old behaviour); fields since removed are
+    dropped."""
+    config = get_config()
+    known = dict(flat_items(config))
+    for name, value in flat_items(ml_collections.ConfigDict(saved)):
+        if name in known:
+            *parents, leaf = name.split(".")
+            target = config
+            for part in parents:
+                target = target[part]
+            with target.ignore_type():
+                target[leaf] = tuple(value) if isinstance(value, list) else value
     return config
 
 
@@ -167,8 +192,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("max_steps", "eval_every", "checkpoint.every_steps", "sample.every_epochs"):
         if _get(config, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {_get(config, name)!r}")
-    if config.objective not in ("window", "sequence"):
-        raise ValueError(f"objective must be 'window' or 'sequence', got {config.objective!r}")
+    if config.objective not in ("window", "sequence", "stream"):
+        raise ValueError(f"objective must be 'window', 'sequence' or 'stream', got {config.objective!r}")
     if not 0.0 <= config.val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     if config.optimizer.learning_rate <= 0 or config.optimizer.eps <= 0:
@@ -177,6 +202,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"optimizer.decay must be in [0, 1), got {config.optimizer.decay}")
     if config.optimizer.clip_norm < 0:
         raise ValueError("optimizer.clip_norm must be >= 0 (0 disables clipping)")
+    if config.optimizer.name not in ("rmsprop", "adam", "adamw"):
+        raise ValueError(f"optimizer.name must be rmsprop, adam or adamw, got {config.optimizer.name!r}")
+    if config.optimizer.weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay must be >= 0, got {config.optimizer.weight_decay}")
+    if config.checkpoint.best_metric not in ("val_loss", "val_text_bpc"):
+        raise ValueError(f"checkpoint.best_metric must be val_loss or val_text_bpc, got "
+                         f"{config.checkpoint.best_metric!r}")
+    if config.checkpoint.best_metric == "val_text_bpc" and not config.eval_text:
+        raise ValueError("checkpoint.best_metric=val_text_bpc needs eval_text=True")
+    if config.checkpoint.early_stop_evals < 0:
+        raise ValueError("checkpoint.early_stop_evals must be >= 0 (0 = never stop early)")
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
     if config.model.backward not in ("custom", "autodiff", "cudnn"):

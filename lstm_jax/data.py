@@ -99,7 +99,7 @@ class Vocab:
             if unknown != "drop":
                 shown = "".join(missing[:40]) + ("..." if len(missing) > 40 else "")
                 raise DataError(f"characters not in the vocabulary: {shown!r} "
-                                f"({len(missing)} distinct); remove them or drop them (unknown='drop')")
+                                f"({len(missing)} distinct); remove them or drop them (unknown='drop', --drop_unknown)")
             drop = set(missing)
             text = "".join(c for c in text if c not in drop)
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -219,6 +219,39 @@ class SequenceBatcher(Batcher):
         return offset + example_ids * self.seq_len
 
 
+class StreamBatcher(Batcher):
+    """`global_batch` contiguous streams of the training split, read `seq_len` chars at a time:
+    row j of step i is text[start_j + i*T : start_j + i*T + T + 1], so every step continues each
+    stream where the previous step stopped (the LSTM carry is passed on: `objective="stream"`).
+
+    Stream j starts at offset + j * stream_len, with one random offset in [0, T) per epoch so the
+    chunk boundaries move between epochs. In an epoch no character is a target twice and none is
+    skipped except the offset, each stream's last partial chunk and the split's tail remainder.
+    Each process builds only its rows (its streams).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        super().__init__(tokens, global_batch, seed)
+        self.seq_len = seq_len
+        self.stream_len = max(0, (len(tokens) - seq_len) // global_batch)   # leaves room for the offset
+        steps = max(0, (self.stream_len - 1) // seq_len)
+        self.num_examples = steps * global_batch
+        self.example_len = seq_len + 1
+        if steps == 0:
+            raise DataError(
+                f"the training split ({len(tokens)} chars) cut into batch_size={global_batch} streams "
+                f"gives streams of {self.stream_len} chars, shorter than one {seq_len + 1}-char "
+                f"step; use a larger corpus, a smaller batch_size or a shorter seq_len")
+
+    def offset(self, epoch: int) -> int:
+        return int(np.random.default_rng([self.seed, epoch, 1]).integers(self.seq_len))
+
+    def batch(self, epoch: int, index: int, rows: slice = slice(None)) -> np.ndarray:
+        streams = np.arange(self.global_batch)[rows]
+        starts = self.offset(epoch) + streams * self.stream_len + index * self.seq_len
+        return np.asarray(self.tokens[starts[:, None] + np.arange(self.example_len)], dtype=np.int32)
+
+
 def _check_enough(num_examples: int, global_batch: int, what: str, num_tokens: int) -> None:
     if num_examples < global_batch:
         raise DataError(
@@ -229,7 +262,25 @@ def _check_enough(num_examples: int, global_batch: int, what: str, num_tokens: i
 def make_batcher(config, tokens: np.ndarray, global_batch: int) -> Batcher:
     if config.objective == "window":
         return WindowBatcher(tokens, config.seq_len, config.window_step, global_batch, config.seed)
+    if config.objective == "stream":
+        return StreamBatcher(tokens, config.seq_len, global_batch, config.seed)
     return SequenceBatcher(tokens, config.seq_len, global_batch, config.seed)
+
+
+def text_streams(tokens: np.ndarray, num_streams: int) -> tuple[np.ndarray, np.ndarray]:
+    """The whole text as `num_streams` contiguous streams for evaluation with the state carried:
+    (S, L + 1) tokens and (S, L) target weights. Stream j's inputs run from where stream j - 1's
+    targets end, so every char after the first is a target exactly once; the last stream is
+    padded (weight 0) to the common length."""
+    targets = len(tokens) - 1
+    if targets < 1:
+        raise DataError(f"a text of {len(tokens)} chars has nothing to predict; use a longer text")
+    num_streams = max(1, min(num_streams, targets))
+    length = -(-targets // num_streams)
+    starts = np.arange(num_streams) * length
+    index = np.minimum(starts[:, None] + np.arange(length + 1), len(tokens) - 1)
+    weight = (starts[:, None] + np.arange(1, length + 1) <= targets).astype(np.float32)
+    return np.asarray(tokens[index], dtype=np.int32), weight
 
 
 def eval_windows(val_tokens: np.ndarray, window: int, stride: int, max_windows: int) -> np.ndarray:

@@ -96,7 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     with _claimed(workdir, new_run):
         checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                         keep_best=config.checkpoint.keep_best)
+                                         keep_best=config.checkpoint.keep_best,
+                                         best_metric=config.checkpoint.best_metric)
         try:
             start = _resume_or_start(plan, workdir, checkpointer, step)
             return _fit(plan, workdir, checkpointer, start, progress)
@@ -145,6 +146,7 @@ class _Start:
     lr_pieces: list
     elapsed_s: float = 0.0
     epoch_loss: Optional[dict] = None    # {"epoch", "sum", "steps"} of the epoch in progress
+    best: Optional[dict] = None          # {"step", "value", "evals_since"} of the best metric
 
 
 def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer,
@@ -163,7 +165,9 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
     if checkpointer.all_steps() or step is not None:
         tx = train_lib.make_optimizer(config, plan.total_steps)   # the state's structure only
         graphdef, abstract = train_lib.abstract_state(config, plan.model_cfg, tx, plan.mesh)
-        at, state, meta, unreadable = checkpointer.restore_readable(abstract, step, check)
+        at, tree, meta, unreadable = checkpointer.restore_readable(train_lib.state_to_tree(abstract),
+                                                                   step, check)
+        state = train_lib.state_from_tree(tree)
         if _is_main():
             _set_aside(checkpointer, unreadable, [s for s in checkpointer.all_steps()
                                                   if s > at and s not in unreadable])
@@ -172,7 +176,8 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
         pieces, how = train_lib.continue_lr_segments(pieces, config, at, plan.total_steps)
         _say(f"resuming {workdir} from step {at} (epoch {at / plan.steps_per_epoch:.2f})"
              + (f"; {meta.get('total_steps')} -> {plan.total_steps} steps: {how}" if how else ""))
-        start = _Start(graphdef, state, at, pieces, meta.get("elapsed_s", 0.0), meta.get("epoch_loss"))
+        start = _Start(graphdef, state, at, pieces, meta.get("elapsed_s", 0.0), meta.get("epoch_loss"),
+                       meta.get("best"))
     else:
         saved = workdir_lib.read_json(workdir / "config.json")
         if saved is not None:   # a run stopped before its first checkpoint: same contract
@@ -215,7 +220,9 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     log = workdir_lib.MetricsLog(workdir, start.step, enabled=_is_main())
     meter = _Meter(plan, log, bar, start)
     evaluate = _Evaluator(plan, start.graphdef)
-    save = _Saver(plan, checkpointer, meter, start.lr_pieces)
+    early_stop = _EarlyStop(config.checkpoint.best_metric, config.checkpoint.early_stop_evals,
+                            start.best)
+    save = _Saver(plan, checkpointer, meter, start.lr_pieces, early_stop)
     write_samples = _SampleWriter(plan, workdir, start.graphdef, bar)
     every = lambda n, k: bool(k) and n % k == 0   # noqa: E731
     done, stop = start.step, _StopRequests(agree_every=config.log_every)
@@ -238,9 +245,15 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                     with meter.side_work("eval_s"):
                         val = evaluate(placement.global_state(state).params)
                     meter.write_eval(done, val, end_of_epoch)
-                if end_of_epoch or every(done, config.checkpoint.every_steps):
+                    early_stop.update(done, val)
+                if end_of_epoch or every(done, config.checkpoint.every_steps) or early_stop.stop:
                     with meter.side_work("checkpoint_s"):
-                        save(done, placement.global_state(state), val.get("val_loss"))
+                        save(done, placement.global_state(state), val)
+                if early_stop.stop:
+                    _say(early_stop.message(), bar)
+                    with meter.side_work("sample_s"):
+                        write_samples(done, placement.global_state(state).params)
+                    break
                 epochs_done, in_epoch = divmod(done, plan.steps_per_epoch)
                 if done == total or (in_epoch == 0 and every(epochs_done, config.sample.every_epochs)):
                     with meter.side_work("sample_s"):
@@ -271,16 +284,24 @@ class _Placement:
         self.plan, self.config = plan, plan.config
         self.pmap = self.config.parallel.mode == "pmap"
         self.key = jax.random.key(self.config.seed)
+        spe = plan.steps_per_epoch
         if self.pmap:
             self.devices = list(plan.mesh.devices.flat)   # pmap wants the same list on every process
             self.n_local = sum(d.process_index == jax.process_index() for d in self.devices)
-            self.step_fn = train_lib.make_pmap_train_step(graphdef, tx, self.config, devices=self.devices)
+            self.step_fn = train_lib.make_pmap_train_step(graphdef, tx, self.config, devices=self.devices,
+                                                          steps_per_epoch=spe)
         else:
-            self.step_fn = train_lib.make_train_step(graphdef, tx, self.config)
+            self.step_fn = train_lib.make_train_step(graphdef, tx, self.config, steps_per_epoch=spe)
         self.rows = parallel.process_rows(plan.batch)
 
     def place_state(self, state):
-        return parallel.replicate_for_pmap(jax.device_get(state), self.devices) if self.pmap else state
+        """pmap: params and optimizer state copied to every device, a stream carry split so each
+        device holds the rows of its own streams."""
+        if not self.pmap:
+            return state
+        placed = parallel.replicate_for_pmap(jax.device_get(state.replace(carry=None)), self.devices)
+        carry = jax.tree.map(parallel.local_rows, state.carry)
+        return placed.replace(carry=parallel.split_for_pmap(carry, self.devices))
 
     def train_step(self, state, batch):
         return self.step_fn(state, batch, self.key)
@@ -302,9 +323,11 @@ class _Placement:
         multi-process run."""
         if not self.pmap:
             return state
-        sharding = parallel.replicated(self.plan.mesh)
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x[0])),
-                            state)
+        sharding, mesh = parallel.replicated(self.plan.mesh), self.plan.mesh
+        glob = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x[0])),
+                            state.replace(carry=None))
+        rows = lambda x: parallel.to_global(np.asarray(x).reshape((-1,) + x.shape[2:]), mesh)  # noqa: E731
+        return glob.replace(carry=jax.tree.map(rows, state.carry))
 
 
 class _Diverged(Exception):
@@ -422,10 +445,47 @@ class _Meter:
         return {"elapsed_s": self.elapsed(), "epoch_loss": {"epoch": e, "sum": total, "steps": n}}
 
 
+class TextEval:
+    """Loss of a model on a whole text with the LSTM state carried: the text cut into `streams`
+    long contiguous streams (each read from a zero state), run `CHUNK` chars per call (one
+    compiled shape), per-row sums reduced on the host (no collectives). The bits-per-char that
+    papers report (enwik8, text8, PTB-char)."""
+    CHUNK = 256
+
+    def __init__(self, graphdef, model_cfg: ModelConfig, tokens: np.ndarray, mesh, streams: int):
+        n = mesh.devices.size
+        streams = max(n, streams // n * n)
+        tokens, weight = data.text_streams(np.asarray(tokens), streams)
+        tokens, weight = data.pad_rows(tokens, n)[0], data.pad_rows(weight, n)[0]
+        pad = -weight.shape[1] % self.CHUNK
+        self.tokens = np.pad(tokens, ((0, 0), (0, pad)), mode="edge")
+        self.weight = np.pad(weight, ((0, 0), (0, pad)))
+        self.chars, self.streams = int(self.weight.sum()), len(self.tokens)
+        self.mesh, self.model_cfg = mesh, model_cfg
+        self.step = train_lib.make_text_eval_step(graphdef)
+
+    def __call__(self, params) -> float:
+        """Mean next-char loss (nats) over every char of the text after the first."""
+        mesh, rows = self.mesh, parallel.process_rows(self.streams)
+        local = np.zeros((rows.stop - rows.start, self.model_cfg.hidden_size), np.float32)
+        carry = tuple((parallel.to_global(local, mesh), parallel.to_global(local, mesh))
+                      for _ in range(self.model_cfg.num_layers))   # separate buffers: donated
+        sums = []
+        for i in range(0, self.weight.shape[1], self.CHUNK):
+            chunk = parallel.to_global(self.tokens[rows, i:i + self.CHUNK + 1], mesh)
+            w = parallel.to_global(self.weight[rows, i:i + self.CHUNK], mesh)
+            loss_sum, carry = self.step(params, chunk, w, carry)
+            sums.append(loss_sum)
+        return float(sum(_gather(x).astype(np.float64).sum() for x in sums)) / self.chars
+
+
 class _Evaluator:
-    """Held-out metrics of params: val_loss (nats/char over every position of the held-out
-    windows), val_bpc, and val_last_loss (the Keras reference's loss on the char after each
-    window). Rows stay sharded and the host reduces them: the program has no collectives."""
+    """Held-out metrics of params. On windows (the Keras reference's yardstick, from a zero state):
+    val_loss (nats/char over every position), val_bpc, and val_last_loss (the loss on the char
+    after each window). On the whole held-out text with the state carried (`TextEval`, as many
+    long streams as one eval batch has rows, fewer for a short text): val_text_loss and
+    val_text_bpc. Rows stay sharded and the host reduces them: no collectives."""
+    MIN_STREAM = 1024    # chars per stream at least: less of a short text read from a cold state
 
     def __init__(self, plan: Plan, graphdef):
         self.plan, self.eval_step = plan, train_lib.make_eval_step(graphdef)
@@ -433,39 +493,75 @@ class _Evaluator:
         self.rows_per_call = max(n, (plan.batch // n) * n)
         if plan.windows is not None:
             self.padded, self.weight = data.pad_rows(plan.windows, self.rows_per_call)
+        val, self.text = plan.corpus.val_tokens, None
+        if plan.config.eval_text and len(val) > 1:
+            self.text = TextEval(graphdef, plan.model_cfg, val, plan.mesh,
+                                 min(self.rows_per_call, (len(val) - 1) // self.MIN_STREAM))
 
     def __call__(self, params) -> dict:
-        if self.plan.windows is None:
-            return {}
-        k, mesh = self.rows_per_call, self.plan.mesh
-        rows = parallel.process_rows(k)
-        parts = [self.eval_step(params, parallel.to_global(self.padded[i:i + k][rows], mesh))
-                 for i in range(0, len(self.padded), k)]
-        loss_sum = np.concatenate([np.asarray(_gather(p[0])) for p in parts])
-        last = np.concatenate([np.asarray(_gather(p[1])) for p in parts])
-        w = self.weight
-        val_loss = float((loss_sum * w).sum() / (w.sum() * self.plan.config.eval_window))
-        return {"val_loss": val_loss, "val_bpc": val_loss / LN2,
-                "val_last_loss": float((last * w).sum() / w.sum())}
+        out = {}
+        if self.plan.windows is not None:
+            k, mesh = self.rows_per_call, self.plan.mesh
+            rows = parallel.process_rows(k)
+            parts = [self.eval_step(params, parallel.to_global(self.padded[i:i + k][rows], mesh))
+                     for i in range(0, len(self.padded), k)]
+            loss_sum = np.concatenate([np.asarray(_gather(p[0])) for p in parts])
+            last = np.concatenate([np.asarray(_gather(p[1])) for p in parts])
+            w = self.weight
+            val_loss = float((loss_sum * w).sum() / (w.sum() * self.plan.config.eval_window))
+            out.update(val_loss=val_loss, val_bpc=val_loss / LN2,
+                       val_last_loss=float((last * w).sum() / w.sum()))
+        if self.text is not None:
+            loss = self.text(params)
+            out.update(val_text_loss=loss, val_text_bpc=loss / LN2)
+        return out
+
+
+class _EarlyStop:
+    """Tracks the best value of `metric` (lower is better) over evaluations and asks the loop to
+    stop after `patience` evaluations without a new best (0: never)."""
+
+    def __init__(self, metric: str, patience: int, best: Optional[dict]):
+        self.metric, self.patience = metric, patience
+        self.best = best or {"step": None, "value": None, "evals_since": 0}
+        self.stop = False
+
+    def update(self, step: int, val: dict) -> None:
+        if self.metric not in val:
+            return
+        if self.best["value"] is None or val[self.metric] < self.best["value"]:
+            self.best = {"step": step, "value": val[self.metric], "evals_since": 0}
+        else:
+            self.best = {**self.best, "evals_since": self.best["evals_since"] + 1}
+        self.stop = bool(self.patience) and self.best["evals_since"] >= self.patience
+
+    def message(self) -> str:
+        return (f"stopping early: {self.metric} has not improved for {self.patience} evaluations "
+                f"(best {self.best['value']:.4f} at step {self.best['step']}, kept as the best "
+                f"checkpoint)")
 
 
 class _Saver:
     """Checkpoints the state with the metadata a resume needs (the run's description, the data
     position, the learning-rate schedule, elapsed time and the epoch's running loss)."""
 
-    def __init__(self, plan: Plan, checkpointer: ckpt.Checkpointer, meter: _Meter, lr_pieces: list):
+    def __init__(self, plan: Plan, checkpointer: ckpt.Checkpointer, meter: _Meter, lr_pieces: list,
+                 early_stop: "_EarlyStop"):
         self.plan, self.checkpointer, self.meter, self.lr_pieces = plan, checkpointer, meter, lr_pieces
+        self.early_stop = early_stop
 
-    def __call__(self, step: int, state, val_loss: Optional[float] = None) -> None:
+    def __call__(self, step: int, state, val: Optional[dict] = None) -> None:
         if self.checkpointer.latest_step() == step:
             return
-        spe = self.plan.steps_per_epoch
+        spe, val = self.plan.steps_per_epoch, val or {}
         meta = {**self.plan.description(), "step": step, "epoch": step // spe,
                 "batch_in_epoch": step % spe, "steps_per_epoch": spe,
                 "total_steps": self.plan.total_steps, "lr_pieces": self.lr_pieces,
                 "num_devices": int(self.plan.mesh.devices.size), "jax_version": jax.__version__,
-                "lstm_jax_version": _version(), "val_loss": val_loss, **self.meter.snapshot()}
-        self.checkpointer.save(step, state, meta, val_loss)
+                "lstm_jax_version": _version(), "val_loss": val.get("val_loss"),
+                "best": self.early_stop.best, **self.meter.snapshot()}
+        ranked = {k: v for k, v in val.items() if k in ("val_loss", "val_text_bpc")}
+        self.checkpointer.save(step, train_lib.state_to_tree(state), meta, metrics=ranked or None)
 
 
 class _SampleWriter:
@@ -572,12 +668,17 @@ def restore_model(workdir: str | pathlib.Path, step: Optional[int] = None
                   ) -> tuple[CharLSTM, data.Vocab, ml_collections.ConfigDict]:
     """Rebuilds the trained model from a workdir alone (config.json, vocab.json, checkpoint),
     on whatever devices this process has: `step`, else the newest readable checkpoint."""
+    model, vocab, config, _ = _restore(workdir, step)
+    return model, vocab, config
+
+
+def _restore(workdir, step):
     workdir = pathlib.Path(workdir)
     saved = workdir_lib.read_json(workdir / "config.json")
     if saved is None:
         raise ckpt.CheckpointError(f"{workdir} is not a training workdir (no config.json); train "
                                    f"first: lstm-jax train --workdir {workdir}")
-    config = ml_collections.ConfigDict(saved)
+    config = config_lib.from_saved(saved)
     vocab = data.Vocab.load(workdir / "vocab.json")
     checkpointer = ckpt.Checkpointer(workdir, read_only=True)
     try:
@@ -585,11 +686,43 @@ def restore_model(workdir: str | pathlib.Path, step: Optional[int] = None
             raise ckpt.CheckpointError(f"no checkpoint in {checkpointer.directory}; train first")
         mcfg = train_lib.model_config(config, len(vocab))
         tx = train_lib.make_optimizer(config, 1)
-        graphdef, abstract = train_lib.abstract_state(config, mcfg, tx, parallel.make_mesh())
-        _, state, _, _ = checkpointer.restore_readable(abstract, step)
+        mesh = parallel.make_mesh()
+
+        def abstract(meta: dict):
+            return train_lib.state_to_tree(train_lib.abstract_state(
+                config, mcfg, tx, mesh, replicate_all=True,
+                batch=meta.get("global_batch", config.batch_size))[1])
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(mcfg, rngs=nnx.Rngs(0))))
+        at, tree, _, _ = checkpointer.restore_readable(abstract, step)
     finally:
         checkpointer.close()
-    return nnx.merge(graphdef, jax.device_get(state.params)), vocab, config
+    return nnx.merge(graphdef, jax.device_get(tree["params"])), vocab, config, at
+
+
+def evaluate_text(workdir: str | pathlib.Path, text: Optional[str] = None, *,
+                  step: Optional[int] = None, drop_unknown: bool = False,
+                  streams: int = 64) -> dict:
+    """Whole-text loss and bits per char of a trained workdir's model on `text` (default: the
+    run's own held-out split), encoded with the run's vocabulary: characters outside it are an
+    error naming them, or dropped and counted with `drop_unknown`."""
+    model, vocab, config, at = _restore(workdir, step)
+    dropped = 0
+    if text is None:
+        tokens = train_lib.load_corpus(config, vocab).val_tokens
+        source = "the run's held-out split"
+    else:
+        unknown = set(vocab.unknown_chars(text))
+        dropped = sum(1 for c in text if c in unknown) if unknown else 0
+        tokens = vocab.encode(text, unknown="drop" if drop_unknown else "error")
+        source = "the given text"
+    graphdef, params = nnx.split(model)
+    mesh = parallel.make_mesh()
+    params = jax.device_put(params, parallel.replicated(mesh))
+    n_streams = max(1, min(streams, (len(tokens) - 1) // _Evaluator.MIN_STREAM))
+    evaluator = TextEval(graphdef, model.config, tokens, mesh, n_streams)
+    loss = evaluator(params)
+    return {"step": at, "source": source, "chars": evaluator.chars, "streams": evaluator.streams,
+            "dropped_unknown": dropped, "text_loss": loss, "text_bpc": loss / LN2}
 
 
 # --- small helpers ----------------------------------------------------------------------------

@@ -105,3 +105,22 @@ def max_over_processes(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
     return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
+def split_for_pmap(tree, devices: Sequence[jax.Device]):
+    """Splits host arrays' leading axis (this process's rows) over this process's devices, as a
+    leading device axis for `jax.pmap` (a stream carry: each device keeps its own rows)."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    sharding = NamedSharding(Mesh(np.asarray(local), ("pmap",)), P("pmap"))
+    return jax.tree.map(lambda x: jax.device_put(
+        np.asarray(x).reshape((len(local), -1) + np.shape(x)[1:]), sharding), tree)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of an array sharded over 'data' on its leading axis, in row order."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    starts = sorted({s.index[0].start or 0 for s in shards})
+    return np.concatenate([np.asarray(next(s for s in shards if (s.index[0].start or 0) == a).data)
+                           for a in starts])

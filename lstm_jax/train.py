@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,25 @@ LN2 = math.log(2.0)
 @struct.dataclass
 class TrainState:
     """Everything that changes during training. The step's RNG is fold_in(seed key, step), so the
-    step counter is the whole RNG state and the data position is (step // steps_per_epoch, rest)."""
+    step counter is the whole RNG state and the data position is (step // steps_per_epoch, rest).
+    `carry` is the LSTM state (h, c) per layer of every stream, (batch, hidden) arrays sharded like
+    the batch, for the stream objective (None otherwise): checkpoints and resumes include it."""
     step: jax.Array
     params: nnx.State
     opt_state: optax.OptState
+    carry: Any = None
+
+
+def state_to_tree(state: TrainState) -> dict:
+    """The state as saved: {step, params, opt_state} plus `carry` for the stream objective (the
+    format of checkpoints written before the carry existed, so those still restore)."""
+    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    return tree if state.carry is None else {**tree, "carry": state.carry}
+
+
+def state_from_tree(tree: dict) -> TrainState:
+    return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                      carry=tree.get("carry"))
 
 
 class TrainingError(RuntimeError):
@@ -114,86 +129,120 @@ def lr_schedule(pieces: list[dict]) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
                    pieces: Optional[list[dict]] = None) -> optax.GradientTransformation:
-    """Keras-identical RMSprop (rho 0.9, eps inside the sqrt, zero initial velocity), optional
-    global-norm clipping before it, and the learning rate of `pieces` (default: a fresh run of
-    `total_steps`). The rate is always a schedule, so the optimizer state has one structure
-    whatever the schedule (constant, cosine, continued)."""
+    """Keras-identical RMSprop (rho 0.9, eps inside the sqrt, zero initial velocity) or optax's
+    Adam/AdamW, optional global-norm clipping before it, and the learning rate of `pieces`
+    (default: a fresh run of `total_steps`). The rate is always a schedule, so the optimizer
+    state has one structure whatever the schedule (constant, cosine, continued)."""
     o = config.optimizer
     lr = lr_schedule(pieces or lr_segments(config, total_steps))
-    rmsprop = optax.rmsprop(lr, decay=o.decay, eps=o.eps, eps_in_sqrt=True, initial_scale=0.0)
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), rmsprop) if o.clip_norm > 0 else rmsprop
+    if o.name == "adamw":
+        update = optax.adamw(lr, weight_decay=o.weight_decay)
+    else:
+        update = (optax.adam(lr) if o.name == "adam" else
+                  optax.rmsprop(lr, decay=o.decay, eps=o.eps, eps_in_sqrt=True, initial_scale=0.0))
+        if o.weight_decay:
+            update = optax.chain(optax.add_decayed_weights(o.weight_decay), update)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), update) if o.clip_norm > 0 else update
 
 
 # --- the pure step functions -----------------------------------------------------------------
 
 def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch_BxL1: jax.Array, dropout_key,
-            objective: str) -> jax.Array:
-    """Mean next-char cross-entropy (nats): the char after each window, or every position."""
+            objective: str, carry=None):
+    """(mean next-char cross-entropy in nats, final LSTM carry): the char after each window
+    (window), or every position from `carry` (zero when None). The carry is a constant here: no
+    gradient flows into the previous step (truncated BPTT)."""
     model = nnx.merge(graphdef, params)
     inputs = batch_BxL1[:, :-1]
     if objective == "window":
         logits = model(inputs, dropout_key=dropout_key, last_only=True)
-        targets = batch_BxL1[:, -1]
-    else:
-        logits = model(inputs, dropout_key=dropout_key)
-        targets = batch_BxL1[:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxL1[:, -1]).mean(), None
+    carry = None if carry is None else jax.lax.stop_gradient(carry)
+    logits, new_carry = model(inputs, carry, dropout_key=dropout_key, return_carry=True)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxL1[:, 1:]).mean()
+    return loss, (new_carry if objective == "stream" else None)
 
 
-def loss_and_grads(params, graphdef, batch_BxL1, key, *, objective: str, accum_steps: int):
-    """Loss and gradients, averaged over `accum_steps` micro-batches of the batch."""
-    grad_fn = jax.value_and_grad(loss_fn)
+def loss_and_grads(params, graphdef, batch_BxL1, key, *, objective: str, accum_steps: int,
+                   carry=None):
+    """(loss, gradients, final carry), averaged over `accum_steps` micro-batches of the batch.
+
+    Micro-batch k = rows k, k + K, k + 2K, ...: (B, L) -> (B/K, K, L) splits the batch axis
+    minor-to-major, so with the rows sharded over devices every device keeps its own B/(n*K)
+    rows of every micro-batch (a (K, B/K) split would cut across the device shards and make XLA
+    all-gather the batch inside the accumulation loop). Micro-batches split the streams, not
+    time, so every stream's carry continues through its own micro-batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        return grad_fn(params, graphdef, batch_BxL1, key, objective)
-    # Micro-batch k = rows k, k + K, k + 2K, ...: (B, L) -> (B/K, K, L) splits the batch axis
-    # minor-to-major, so with the rows sharded over devices every device keeps its own B/(n*K)
-    # rows of every micro-batch. (A (K, B/K) split would cut across the device shards and make
-    # XLA all-gather the batch inside the accumulation loop.)
-    micro = jnp.swapaxes(batch_BxL1.reshape((-1, accum_steps) + batch_BxL1.shape[1:]), 0, 1)
+        (loss, new_carry), grads = grad_fn(params, graphdef, batch_BxL1, key, objective, carry)
+        return loss, grads, new_carry
+    split = lambda x: jnp.swapaxes(x.reshape((-1, accum_steps) + x.shape[1:]), 0, 1)  # noqa: E731
+    merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])              # noqa: E731
 
-    def body(carry, inputs):
-        loss_sum, grad_sum = carry
-        i, mb = inputs
-        loss, grads = grad_fn(params, graphdef, mb, jax.random.fold_in(key, i), objective)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+    def body(sums, inputs):
+        loss_sum, grad_sum = sums
+        i, mb, mb_carry = inputs
+        (loss, new_carry), grads = grad_fn(params, graphdef, mb, jax.random.fold_in(key, i),
+                                           objective, mb_carry)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), new_carry
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), _ = jax.lax.scan(body, (0.0, zeros), (jnp.arange(accum_steps), micro))
-    return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads)
+    micro_carry = None if carry is None else jax.tree.map(split, carry)
+    (loss, grads), new_carry = jax.lax.scan(
+        body, (0.0, zeros), (jnp.arange(accum_steps), split(batch_BxL1), micro_carry))
+    new_carry = None if new_carry is None else jax.tree.map(merge, new_carry)
+    return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads), new_carry
 
 
-def apply_update(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
+def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, carry=None) -> TrainState:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state)
+                      opt_state=opt_state, carry=carry)
 
 
-def make_train_step(graphdef, tx, config) -> Callable:
+def _step_carry(state: TrainState, steps_per_epoch: Optional[int]):
+    """The carry a step starts from: the state's, zeroed at the first step of every epoch."""
+    if state.carry is None:
+        return None
+    if not steps_per_epoch:
+        raise ValueError("the stream objective needs steps_per_epoch to reset its carry each epoch")
+    fresh = state.step % steps_per_epoch == 0
+    return jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state.carry)
+
+
+def make_train_step(graphdef, tx, config, steps_per_epoch: Optional[int] = None) -> Callable:
     """`train_step(state, batch, key) -> (state, metrics)`, jitted, state donated.
 
-    On a mesh, pass a replicated state and a batch sharded over 'data'; XLA inserts the gradient
-    all-reduce. `key` is the run's base key; the step's key is fold_in(key, state.step).
+    On a mesh, pass a replicated state (its carry sharded like the batch) and a batch sharded over
+    'data'; XLA inserts the gradient all-reduce. `key` is the run's base key; the step's key is
+    fold_in(key, state.step). The stream objective carries the LSTM state to the next step and
+    resets it every `steps_per_epoch` steps.
     """
     def train_step(state: TrainState, batch_BxL1: jax.Array, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
-        loss, grads = loss_and_grads(state.params, graphdef, batch_BxL1, step_key,
-                                     objective=config.objective, accum_steps=config.grad_accum_steps)
+        loss, grads, carry = loss_and_grads(
+            state.params, graphdef, batch_BxL1, step_key, objective=config.objective,
+            accum_steps=config.grad_accum_steps, carry=_step_carry(state, steps_per_epoch))
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return apply_update(state, grads, tx), metrics
+        return apply_update(state, grads, tx, carry), metrics
     return jax.jit(train_step, donate_argnums=0)
 
 
 def make_pmap_train_step(graphdef, tx, config, axis_name: str = "batch",
-                         devices: Optional[list] = None) -> Callable:
-    """The same step under `jax.pmap`: state replicated with a leading device axis, batch
-    (devices, rows, L + 1), gradients and loss averaged with `pmean`."""
+                         devices: Optional[list] = None,
+                         steps_per_epoch: Optional[int] = None) -> Callable:
+    """The same step under `jax.pmap`: state with a leading device axis (params replicated, the
+    carry holding each device's rows), batch (devices, rows, L + 1), gradients and loss averaged
+    with `pmean`."""
     def train_step(state: TrainState, batch_BxL1: jax.Array, key: jax.Array):
         step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(axis_name))
-        loss, grads = loss_and_grads(state.params, graphdef, batch_BxL1, step_key,
-                                     objective=config.objective, accum_steps=config.grad_accum_steps)
+        loss, grads, carry = loss_and_grads(
+            state.params, graphdef, batch_BxL1, step_key, objective=config.objective,
+            accum_steps=config.grad_accum_steps, carry=_step_carry(state, steps_per_epoch))
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return apply_update(state, grads, tx), metrics
+        return apply_update(state, grads, tx, carry), metrics
     return jax.pmap(train_step, axis_name=axis_name, donate_argnums=0, in_axes=(0, 0, None),
                     devices=devices)
 
@@ -201,15 +250,27 @@ def make_pmap_train_step(graphdef, tx, config, axis_name: str = "batch",
 def make_eval_step(graphdef) -> Callable:
     """`eval_step(params, windows_BxL1) -> (loss_sum_B, last_loss_B)`: per-row sums of the
     next-char loss over every position (val_loss) and the loss on the char after the window
-    (val_last_loss, the seed's loss). Rows stay sharded and the host reduces them: the program has
-    no collectives, so any number of eval steps may be in flight (XLA:CPU can deadlock when
-    several multi-device programs with collectives are queued at once)."""
+    (val_last_loss, the Keras reference's loss). Rows stay sharded and the host reduces them: the
+    program has no collectives, so any number of eval steps may be in flight (XLA:CPU can
+    deadlock when several multi-device programs with collectives are queued at once)."""
     def eval_step(params, windows_BxL1):
         model = nnx.merge(graphdef, params)
         logits = model(windows_BxL1[:, :-1])
         losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, windows_BxL1[:, 1:])
         return losses_BxT.sum(axis=1), losses_BxT[:, -1]
     return jax.jit(eval_step)
+
+
+def make_text_eval_step(graphdef) -> Callable:
+    """`text_eval_step(params, chunk_SxL1, weight_SxL, carry) -> (loss_sum_S, carry)`: one chunk
+    of S long text streams, continuing each from `carry` (whole-text evaluation with the state
+    carried). Per-row sums, no collectives (as `make_eval_step`)."""
+    def text_eval_step(params, chunk_SxL1, weight_SxL, carry):
+        model = nnx.merge(graphdef, params)
+        logits, carry = model(chunk_SxL1[:, :-1], carry, return_carry=True)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, chunk_SxL1[:, 1:])
+        return (losses * weight_SxL).sum(axis=1), carry
+    return jax.jit(text_eval_step, donate_argnums=3)
 
 
 # --- building a run --------------------------------------------------------------------------
@@ -242,14 +303,40 @@ def load_corpus(config: ml_collections.ConfigDict, vocab: Optional[data.Vocab] =
     return Corpus(vocab, train, val, corpora.corpus_fingerprint(text))
 
 
+def _state_shardings(config, model_cfg: ModelConfig, tx, mesh, batch: int):
+    """The train state's shapes and placement: replicated, but a stream carry sharded like the
+    batch (each device holds its own streams' (h, c))."""
+    def init():
+        params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          carry=_zero_carry(config, model_cfg, batch))
+    shapes = jax.eval_shape(init)
+    rep, rows = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    shardings = TrainState(step=rep, params=jax.tree.map(lambda _: rep, shapes.params),
+                           opt_state=jax.tree.map(lambda _: rep, shapes.opt_state),
+                           carry=jax.tree.map(lambda _: rows, shapes.carry))
+    return shapes, shardings
+
+
+def _zero_carry(config, model_cfg: ModelConfig, batch: int):
+    if config.objective != "stream":
+        return None
+    zeros = jnp.zeros((batch, model_cfg.hidden_size), jnp.float32)
+    return tuple((zeros, zeros) for _ in range(model_cfg.num_layers))
+
+
 def init_state(config, model_cfg: ModelConfig, tx, mesh) -> tuple[nnx.GraphDef, TrainState]:
-    """Builds params and optimizer state directly in their replicated placement."""
+    """Builds params and optimizer state directly in their placement (replicated; a stream
+    carry sharded over 'data')."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(model_cfg, rngs=nnx.Rngs(0))))
+    batch = global_batch_size(config, mesh)
+    _, shardings = _state_shardings(config, model_cfg, tx, mesh, batch)
 
     def init():
         params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    return graphdef, jax.jit(init, out_shardings=parallel.replicated(mesh))()
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          carry=_zero_carry(config, model_cfg, batch))
+    return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
 def global_batch_size(config, mesh) -> int:
@@ -264,16 +351,18 @@ def global_batch_size(config, mesh) -> int:
 
 
 
-def abstract_state(config, model_cfg: ModelConfig, tx, mesh) -> tuple[nnx.GraphDef, TrainState]:
-    """The graphdef and the train state's shapes, dtypes and replicated shardings (for restores)."""
+def abstract_state(config, model_cfg: ModelConfig, tx, mesh, *, batch: Optional[int] = None,
+                   replicate_all: bool = False) -> tuple[nnx.GraphDef, TrainState]:
+    """The graphdef and the train state's shapes, dtypes and shardings (for restores). `batch`
+    (the run's global batch) sizes a stream carry; `replicate_all` places it replicated too, for
+    a process that only samples and whose device count need not divide the batch."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(model_cfg, rngs=nnx.Rngs(0))))
-    sharding = parallel.replicated(mesh)
-
-    def init():
-        params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    shapes = jax.eval_shape(init)
-    return graphdef, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    batch = global_batch_size(config, mesh) if batch is None else batch
+    shapes, shardings = _state_shardings(config, model_cfg, tx, mesh, batch)
+    if replicate_all:
+        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), shardings)
+    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  shapes, shardings)
 
 
 def __getattr__(name: str):

@@ -122,8 +122,9 @@ class WorkdirLock:
 # --- the resume contract ----------------------------------------------------------------------
 
 def _flat(config_json: dict) -> dict:
-    import ml_collections
-    return dict(flat_items(ml_collections.ConfigDict(config_json)))
+    """Every field of a saved config, with today's defaults for fields it predates."""
+    from lstm_jax.config import from_saved
+    return dict(flat_items(from_saved(config_json)))
 
 
 def resume_differences(saved: dict, now: dict) -> list[str]:

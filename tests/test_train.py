@@ -88,9 +88,9 @@ def test_dropout_is_used_in_training_only_and_scaled_by_one_over_keep():
     config = tiny_config(**{"model.dropout": 0.5, "model.num_layers": 2})
     _, _, graphdef, state = _setup(config)
     batch = jnp.asarray(np.random.default_rng(2).integers(0, 20, (4, 21)), jnp.int32)
-    l1 = train.loss_fn(state.params, graphdef, batch, jax.random.key(1), "sequence")
-    l2 = train.loss_fn(state.params, graphdef, batch, jax.random.key(2), "sequence")
-    l0 = train.loss_fn(state.params, graphdef, batch, None, "sequence")
+    l1, _ = train.loss_fn(state.params, graphdef, batch, jax.random.key(1), "sequence")
+    l2, _ = train.loss_fn(state.params, graphdef, batch, jax.random.key(2), "sequence")
+    l0, _ = train.loss_fn(state.params, graphdef, batch, None, "sequence")
     assert float(l1) != float(l2)
     loss_sum, _ = train.make_eval_step(graphdef)(state.params, batch)
     np.testing.assert_allclose(float(loss_sum.sum()) / batch[:, 1:].size, float(l0), rtol=1e-6)
@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path
     original = train.loss_fn
     config = tiny_config(corpus=repetitive_corpus, max_steps=10)
     train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train, "loss_fn", lambda *a: original(*a) * jnp.nan)
+    monkeypatch.setattr(train, "loss_fn", lambda *a: (original(*a)[0] * jnp.nan, None))
     config.max_steps = 20
     with pytest.raises(train.TrainingError, match=r"diverged at step 10: train_loss nan.*the latest "
                                                   r"checkpoint is step 10.*learning_rate=0.001"):

@@ -169,7 +169,7 @@ def test_new_run_leaves_a_directory_that_holds_no_run_in_place(tmp_path, corpus)
 
 
 def _start_worker(args, log, **env):
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(REPO)]),
                **env}
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=f, stderr=subprocess.STDOUT,

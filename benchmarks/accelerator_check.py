@@ -117,11 +117,15 @@ class Settings:
 
 
 def settings(args) -> Settings:
+    k = args.budget_scale
     if args.smoke:
-        return Settings(True, 120.0, dict(correctness=60, training=40, sampling=20, time_to_quality=30),
+        return Settings(True, 120.0 * k, dict(correctness=60 * k, training=40 * k, sampling=20 * k,
+                                              time_to_quality=30 * k),
                         min_time=0.05, repeats=1, sample_length=32, ttq_seconds=args.ttq_seconds or 1)
-    return Settings(False, 470.0, dict(correctness=60, training=160, sampling=50, time_to_quality=170),
-                    min_time=0.4, repeats=3, sample_length=256, ttq_seconds=args.ttq_seconds or 120)
+    return Settings(False, 470.0 * k, dict(correctness=60 * k, training=160 * k, sampling=50 * k,
+                                           time_to_quality=170 * k),
+                    min_time=0.4, repeats=3, sample_length=256,
+                    ttq_seconds=args.ttq_seconds or 120 * min(k, 1.0))
 
 
 class Budget:
@@ -687,16 +691,22 @@ def time_to_quality(s: Settings, budget: Budget, workroot: pathlib.Path) -> dict
     first, last = train[1], train[-1]   # from the second event on: past compile and start-up
     rate = (last["step"] - first["step"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
     steps_per_epoch = round(last["step"] / last["epoch"])
-    overhead = time.perf_counter() - t0 - last["elapsed_s"]   # compile, evaluation, samples
+    # elapsed_s is the loop's wall time: it includes compiling and the evaluations, so the run's
+    # steps are what is left of `seconds` after those (the calibration's end-of-run evaluation)
+    compile_s = max(train[0]["elapsed_s"] - train[0]["step"] / rate, 0.0)
+    evals = [e for e in events if "val_last_loss" in e]
+    eval_s = max(evals[-1]["elapsed_s"] - last["elapsed_s"], 0.0) if evals else 0.0
+    overhead = time.perf_counter() - t0 - last["elapsed_s"]   # start-up, saving, samples
     seconds = min(s.ttq_seconds, budget.left() - max(overhead, 5.0))
     if seconds < min(s.ttq_seconds, 30.0):
         budget.skip("the timed run")
         return dict(result, skipped=budget.skipped, steps_per_s=rate)
-    steps = max(int(rate * seconds), 10)
+    n_evals = 6
+    steps = max(int(rate * max(seconds - compile_s - (n_evals + 1) * eval_s, 0.3 * seconds)), 10)
     c = base.copy_and_resolve_references()
     c.max_steps = steps
     c.num_epochs = max(math.ceil(steps / steps_per_epoch), 1)   # the cosine horizon ends with the run
-    c.eval_every = max(steps // 10, 1)
+    c.eval_every = max(steps // n_evals, 1)
     c.log_every = max(min(c.log_every, steps // 20), 1)
     c.sample.every_epochs = 0
     # Safety net if the calibrated rate was too optimistic: SIGINT (the loop saves and stops; else
@@ -718,9 +728,10 @@ def time_to_quality(s: Settings, budget: Budget, workroot: pathlib.Path) -> dict
     trains = [e for e in events if "train_loss" in e]
     reached = next((e["elapsed_s"] for e in evals if e["val_last_loss"] <= KERAS_EPOCH20_LOSS), None)
     result.update(
-        steps_per_s=rate, planned_train_s=seconds, steps=steps, num_epochs=c.num_epochs,
+        steps_per_s=rate, compile_s=compile_s, eval_s=eval_s, planned_train_s=seconds, steps=steps,
+        num_epochs=c.num_epochs,
         batch=c.batch_size, seq_len=c.seq_len, hidden=c.model.hidden_size,
-        train_elapsed_s=trains[-1]["elapsed_s"] if trains else None,
+        elapsed_s=max((e.get("elapsed_s", 0.0) for e in events), default=None),  # loop wall time
         val_last_loss=evals[-1]["val_last_loss"] if evals else None,
         best_val_last_loss=min((e["val_last_loss"] for e in evals), default=None),
         val_loss=evals[-1].get("val_loss") if evals else None,
@@ -828,7 +839,8 @@ def print_summary(record: dict) -> None:
     q = sec.get("time_to_quality", {})
     if "val_last_loss" in q:
         print(f"time to quality: {q['config']} ({q['corpus']}), {q['steps']} steps in "
-              f"{q.get('train_elapsed_s')} s of training: val_last_loss {q['val_last_loss']:.4f} "
+              f"{q.get('elapsed_s')} s (the loop's elapsed_s: compile and evaluations included): "
+              f"val_last_loss {q['val_last_loss']:.4f} "
               f"(best {q['best_val_last_loss']:.4f}); <= {KERAS_EPOCH20_LOSS} after "
               f"{q.get('s_to_keras_epoch20_loss')} s" + (f"; {q['note']}" if "note" in q else "")
               + (f"; {q['corpus_note']}" if "corpus_note" in q else ""))
@@ -859,7 +871,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="correctness,training,sampling,time_to_quality",
                     help="comma list of sections to run (the environment always runs)")
     ap.add_argument("--ttq-seconds", type=float, default=0,
-                    help="training time of the time-to-quality run (default 120; smoke 3)")
+                    help="training time of the time-to-quality run (default 120; smoke 1)")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="scales every time budget (default 1: 470 s in all on a GPU); e.g. 0.5 "
+                         "for a quicker partial check")
     args = ap.parse_args(argv)
     s = settings(args)
     out = pathlib.Path(args.out)

@@ -291,7 +291,8 @@ class _Placement:
             self.step_fn = train_lib.make_pmap_train_step(graphdef, tx, self.config, devices=self.devices,
                                                           steps_per_epoch=spe)
         else:
-            self.step_fn = train_lib.make_train_step(graphdef, tx, self.config, steps_per_epoch=spe)
+            self.step_fn = train_lib.make_train_step(graphdef, tx, self.config, steps_per_epoch=spe,
+                                                     mesh=plan.mesh)
         self.rows = parallel.process_rows(plan.batch)
 
     def place_state(self, state):

@@ -211,19 +211,25 @@ def _step_carry(state: TrainState, steps_per_epoch: Optional[int]):
     return jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state.carry)
 
 
-def make_train_step(graphdef, tx, config, steps_per_epoch: Optional[int] = None) -> Callable:
+def make_train_step(graphdef, tx, config, steps_per_epoch: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
     """`train_step(state, batch, key) -> (state, metrics)`, jitted, state donated.
 
     On a mesh, pass a replicated state (its carry sharded like the batch) and a batch sharded over
     'data'; XLA inserts the gradient all-reduce. `key` is the run's base key; the step's key is
     fold_in(key, state.step). The stream objective carries the LSTM state to the next step and
-    resets it every `steps_per_epoch` steps.
+    resets it every `steps_per_epoch` steps; give the `mesh` so the carry stays sharded like the
+    batch (else XLA may return it replicated: a recompile, and an all-gather per step).
     """
+    rows = parallel.data_sharded(mesh) if mesh is not None else None
+
     def train_step(state: TrainState, batch_BxL1: jax.Array, key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
         loss, grads, carry = loss_and_grads(
             state.params, graphdef, batch_BxL1, step_key, objective=config.objective,
             accum_steps=config.grad_accum_steps, carry=_step_carry(state, steps_per_epoch))
+        if carry is not None and rows is not None:
+            carry = jax.lax.with_sharding_constraint(carry, rows)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         return apply_update(state, grads, tx, carry), metrics
     return jax.jit(train_step, donate_argnums=0)
@@ -311,7 +317,10 @@ def _state_shardings(config, model_cfg: ModelConfig, tx, mesh, batch: int):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           carry=_zero_carry(config, model_cfg, batch))
     shapes = jax.eval_shape(init)
-    rep, rows = parallel.replicated(mesh), parallel.data_sharded(mesh)
+    # On one device both are the same layout, and the step returns the carry as P(): start there
+    # so the state is a fixed point of the step (else it compiles twice).
+    rep = parallel.replicated(mesh)
+    rows = parallel.data_sharded(mesh) if mesh.devices.size > 1 else rep
     shardings = TrainState(step=rep, params=jax.tree.map(lambda _: rep, shapes.params),
                            opt_state=jax.tree.map(lambda _: rep, shapes.opt_state),
                            carry=jax.tree.map(lambda _: rows, shapes.carry))

@@ -273,3 +273,43 @@ def test_prefetch_preserves_order_and_reraises():
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         list(data.prefetch(broken()))
+
+
+def test_stream_batches_continue_every_stream_and_cover_the_split_once_per_epoch():
+    """Row j of step i is text[offset + j * stream_len + i * T : ... + T + 1] (NumPy reference on
+    a text whose tokens are their own positions). Fails if a stream does not continue where it
+    stopped, if a character is a target twice in an epoch, if anything beyond the offset, the
+    streams' last partial chunks and the tail is skipped, if epochs share their offset, or if a
+    process's rows differ from its slice of the global batch."""
+    T, B = 7, 4
+    tokens = np.arange(1003)
+    batcher = data.StreamBatcher(tokens, T, B, seed=0)
+    stream_len = (1003 - T) // B
+    assert batcher.stream_len == stream_len and batcher.steps_per_epoch == (stream_len - 1) // T
+    offsets = {batcher.offset(e) for e in range(4)}
+    assert len(offsets) > 1 and all(0 <= o < T for o in offsets)
+    for epoch in (0, 1):
+        offset, targets = batcher.offset(epoch), []
+        batches = [batcher.batch(epoch, i) for i in range(batcher.steps_per_epoch)]
+        for i, batch in enumerate(batches):
+            want = offset + np.arange(B)[:, None] * stream_len + i * T + np.arange(T + 1)
+            np.testing.assert_array_equal(batch, want)
+            np.testing.assert_array_equal(batcher.batch(epoch, i, slice(2, 4)), batch[2:4])
+            if i:
+                np.testing.assert_array_equal(batch[:, 0], batches[i - 1][:, -1])
+            targets.extend(batch[:, 1:].ravel())
+        assert len(targets) == len(set(targets)) == B * batcher.steps_per_epoch * T
+        skipped = set(range(1, 1003)) - set(targets)
+        per_stream = stream_len - batcher.steps_per_epoch * T        # each stream's partial chunk
+        assert len(skipped) == offset + B * per_stream + (1003 - 1 - offset - B * stream_len)
+
+
+def test_text_streams_cut_a_text_into_contiguous_streams_with_every_char_a_target_once():
+    tokens = np.arange(103)
+    streams, weight = data.text_streams(tokens, 4)
+    targets = streams[:, 1:][weight > 0]
+    np.testing.assert_array_equal(np.sort(targets), np.arange(1, 103))   # each char after the first
+    assert weight.sum() == 102 and streams.shape == (4, 27)
+    np.testing.assert_array_equal(streams[1, 0], streams[0, -1])        # stream 1 starts where 0 ends
+    with pytest.raises(data.DataError, match="nothing to predict"):
+        data.text_streams(np.arange(1), 3)

@@ -281,3 +281,31 @@ def test_pmap_mode_trains_like_mesh_mode(tmp_path, one_process_run):
     config = _run_config(corpus, **{"parallel.num_devices": 4, "parallel.mode": "pmap"})
     train.train_and_evaluate(config, tmp_path / "pmap", progress=False)
     _assert_same_workdir(tmp_path / "pmap", reference)
+
+
+# --- the stream objective: the carry sharded with the batch ------------------------------------
+
+@pytest.fixture(scope="module")
+def stream_corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("stream"), "the quick brown fox jumps over the lazy dog. " * 300)
+
+
+def _stream_run(tmp_path, corpus, **overrides):
+    config = tiny_config(corpus=corpus, objective="stream", max_steps=12, **{
+        "model.hidden_size": 16, "checkpoint.every_steps": 6, "sample.length": 5, **overrides})
+    result = train.train_and_evaluate(config, tmp_path, progress=False)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(result.model, nnx.Param))], result
+
+
+def test_stream_training_on_8_devices_and_under_pmap_equals_one_device(tmp_path, stream_corpus):
+    """12 stateful steps: the carry split over an 8-device mesh, or held per device under pmap
+    (split from and merged back into the global carry for checkpoints), trains the parameters of
+    one device. Fails if a device continues another device's streams, or if pmap's carry
+    placement is replicated instead of split."""
+    one, r1 = _stream_run(tmp_path / "one", stream_corpus)
+    mesh, _ = _stream_run(tmp_path / "mesh", stream_corpus, **{"parallel.num_devices": 8})
+    pmap, _ = _stream_run(tmp_path / "pmap", stream_corpus, **{"parallel.num_devices": 8,
+                                                               "parallel.mode": "pmap"})
+    assert_trees_close(mesh, one, atol=RUN_ATOL)
+    assert_trees_close(pmap, one, atol=RUN_ATOL)
+    assert "val_text_bpc" in r1.metrics

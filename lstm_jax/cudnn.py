@@ -95,12 +95,19 @@ def check_model_config(config) -> None:
 
 
 def kernels_available() -> bool:
-    """True if this jaxlib has the CUDA cuDNN RNN kernels (the jax-cuda plugin's _rnn module)."""
+    """True if this jaxlib has the CUDA cuDNN RNN kernels (the jax-cuda plugin's _rnn module).
+
+    ROCm's MIOpen kernels do not count: they order the gates i, f, o, g, not our i, f, g, o.
+    """
     try:
         from jax._src.lib import gpu_rnn
     except ImportError:
         return False
-    return gpu_rnn is not None and hasattr(gpu_rnn, "compute_rnn_workspace_reserve_space_sizes")
+    if gpu_rnn is None or not hasattr(gpu_rnn, "compute_rnn_workspace_reserve_space_sizes"):
+        return False
+    if getattr(gpu_rnn, "_cuda_rnn", None) is not None:
+        return True
+    return getattr(gpu_rnn, "_hip_rnn", None) is None   # (attribute names of jaxlib 0.10)
 
 
 def check_supported(model_config, platform: str, *, num_devices: int = 1,
@@ -137,7 +144,7 @@ def resolve_backward(requested: str, *, dtype: str, param_dtype: str, platform: 
         check_supported(types.SimpleNamespace(dtype=dtype, param_dtype=param_dtype), platform,
                         num_devices=num_devices, parallel_mode=parallel_mode)
     except ValueError as e:
-        return "custom", f"auto: custom ({str(e).split(':', 1)[-1].split(';')[0].strip()})"
+        return "custom", f"auto: custom, not cudnn ({e})"
     return "cudnn", "auto: cudnn (CUDA GPU, float32)"
 
 

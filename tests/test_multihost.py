@@ -1,5 +1,6 @@
-"""Two processes (jax.distributed on 127.0.0.1, one CPU device each): a SIGTERM to one of them
-stops both at the same step with one collective save, and the resumed run is bit-exact."""
+"""Two processes (jax.distributed on 127.0.0.1, one CPU device each), stateful (stream)
+training: a SIGTERM to one of them stops both at the same step with one collective save (the
+carry sharded across the processes included), and the resumed run is bit-exact."""
 import json
 import os
 import pathlib
@@ -60,7 +61,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_exactly(t
     collective save then hangs: the test's timeout), if only one exits, or if the resumed
     two-process run differs from an uninterrupted one."""
     corpus = write_corpus(tmp_path, "the quick brown fox jumps over the lazy dog. " * 400)
-    config = tiny_config(corpus=corpus, max_steps=16, log_every=2, **{
+    config = tiny_config(corpus=corpus, max_steps=16, log_every=2, objective="stream", **{
         "model.hidden_size": 16, "checkpoint.every_steps": 8, "parallel.tune_allocator": False,
         "parallel.num_devices": 0,
         "sample.length": 5})

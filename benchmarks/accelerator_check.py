@@ -836,8 +836,10 @@ def print_summary(record: dict) -> None:
             continue
         t = f"{r['torch_chars_per_s']:14,.0f}  x{r['speedup']:.1f}" if "torch_chars_per_s" in r else ""
         print(f"  {r['rows']:>6,d} rows  jax {r['jax_chars_per_s']:14,.0f}  torch {t}")
-    q = sec.get("time_to_quality", {})
-    if "val_last_loss" in q:
+    q = sec.get("time_to_quality")
+    if q is None:
+        pass
+    elif "val_last_loss" in q:
         print(f"time to quality: {q['config']} ({q['corpus']}), {q['steps']} steps in "
               f"{q.get('elapsed_s')} s (the loop's elapsed_s: compile and evaluations included): "
               f"val_last_loss {q['val_last_loss']:.4f} "

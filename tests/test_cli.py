@@ -1,5 +1,6 @@
 """End to end through `lstm-jax`: train then sample on a tiny config, and every bad input."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -226,3 +227,26 @@ def test_debug_shows_the_traceback(tmp_path):
         run_cli("train", *TINY, "--workdir", str(tmp_path / "w"), "--debug",
                 f"--config.corpus={tmp_path / 'missing.txt'}")
     assert not isinstance(error.value, SystemExit) and "does not exist" in str(error.value)
+
+
+def test_eval_reports_whole_text_bpc_and_names_or_counts_unknown_chars(tmp_path, repetitive_corpus, capsys):
+    """`lstm-jax eval`: the run's held-out split by default, any text encoded with the run's
+    vocabulary; unknown characters are an error naming them, or dropped and counted. Each result
+    is also appended to eval.jsonl. Fails if a different text is evaluated than asked, or if
+    unknown characters are silently mapped to others."""
+    workdir = tmp_path / "run"
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={repetitive_corpus}",
+                   "--config.max_steps=10", "--noprogress") == 0
+    capsys.readouterr()
+    assert run_cli("eval", "--workdir", str(workdir)) == 0
+    held_out = capsys.readouterr().out
+    assert re.match(r"\d\.\d{4} bits/char \(\d\.\d{4} nats\) on the run's held-out split: 899 chars", held_out), held_out
+    text = tmp_path / "t.txt"
+    content = "the lazy dog ☃ jumps ✓ over the fox"
+    text.write_text(content)
+    expect_exit("characters not in the vocabulary: '☃✓'", "eval", "--workdir", str(workdir), f"--text={text}")
+    assert run_cli("eval", "--workdir", str(workdir), f"--text={text}", "--drop_unknown") == 0
+    assert "dropped 2 unknown chars" in capsys.readouterr().out
+    records = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    assert [r["chars"] for r in records] == [899, len(content) - 2 - 1] and records[1]["dropped_unknown"] == 2
+    assert records[0]["text_bpc"] == pytest.approx(records[0]["text_loss"] / math.log(2))

@@ -196,12 +196,30 @@ def _window_logits(model, window_BxW, valid_B):
     return logits_WxBxV[-1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "kernel", "filters", "window"))
+class _HashedOnce:
+    """A static jit argument hashed once: jit hashes static arguments at every call, and a GraphDef
+    hashes its whole structure (~65 us, 3% of a 1-row, 400-char call)."""
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return other is self or (isinstance(other, _HashedOnce) and self._hash == other._hash
+                                 and self.value == other.value)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "kernel", "filters", "window", "rows"))
 def _block(graphdef, params, carry, prime_BxS, prime_len_B, temperature_B, first_row, seed, top_k,
-           top_p, t0, first_draw, *, kernel: str, filters: tuple[bool, bool], window: int = 0):
+           top_p, t0, first_draw, *, kernel: str, filters: tuple[bool, bool], window: int,
+           rows: jax.sharding.Sharding):
     """Steps t0 ... t0 + S - 1 (S = prime_BxS.shape[1]) of rows first_row, first_row + 1, ...
 
-    carry = (model state, token drawn at the previous step); returns (carry, (S, B) int32 draws).
+    carry = (model state, token drawn at the previous step); returns (carry, (B, S) int32 draws),
+    both with the `rows` sharding, which the first block's carry is given too: every block then
+    sees the same input shardings and reuses one program.
     prime_BxS holds each row's prime characters at these steps (anything past its prime). Row
     arrays may be sharded over devices; scalars are replicated. first_draw (the first step whose
     draw any row keeps) comes from the host so that sharded rows never communicate (XLA:CPU
@@ -209,7 +227,7 @@ def _block(graphdef, params, carry, prime_BxS, prime_len_B, temperature_B, first
     is carried. window=W: the state is recomputed from zero over the last W input chars at every
     step (the seed's window semantics).
     """
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef.value, params)
     batch, num_steps = prime_BxS.shape
     steps_S = t0 + jnp.arange(num_steps)
     # This block's uniforms in one vectorised hash (CPU's threefry is a rolled loop, slow per step).
@@ -234,7 +252,8 @@ def _block(graphdef, params, carry, prime_BxS, prime_len_B, temperature_B, first
                         kernel=kernel, filters=filters)
         return (state, drawn_B), drawn_B
 
-    return jax.lax.scan(body, carry, (steps_S, prime_BxS.T, u_SxB))
+    carry, drawn_SxB = jax.lax.scan(body, carry, (steps_S, prime_BxS.T, u_SxB))
+    return jax.lax.with_sharding_constraint((carry, drawn_SxB.T), rows)
 
 
 @dataclasses.dataclass
@@ -287,9 +306,11 @@ class Sampler:
             raise ValueError(f"kernel must be None, 'unrolled' or 'cumsum', got {kernel!r}")
         self.kernel = kernel or draw_kernel(len(self.chars), self.mesh.devices.flat[0].platform)
         self.model = model
-        self.graphdef, params = nnx.split(model)
+        graphdef, params = nnx.split(model)
+        self.graphdef = _HashedOnce(graphdef)
         self.params = jax.device_put(params, parallel.replicated(self.mesh))
         self.start = self.index.get("\n", self.index.get(" ", 0))
+        self._zero_carry: dict = {}
         self._codepoints = (np.array([ord(c) for c in self.chars], np.uint32)
                             if not self.is_bytes and "\0" not in self.index else None)
 
@@ -365,15 +386,31 @@ class Sampler:
                         raise SamplingInterrupted(
                             f"sampling interrupted by {stop.signal_name} after {done:,} of "
                             f"{plan.num_samples:,} rows", stop.signal_name, done)
-                    drawn_SxB = chunk.dispatch(b)
+                    drawn_BxS = chunk.dispatch(b)
                     if in_flight is not None:
                         finished = in_flight[0].store(*in_flight[1:])
                         if finished is not None:
                             done += len(finished.texts)
                             yield finished
-                    in_flight = (chunk, b, drawn_SxB)
+                    in_flight = (chunk, b, drawn_BxS)
             if in_flight is not None:
                 yield in_flight[0].store(*in_flight[1:])
+
+    def initial_carry(self, rows: int, window: int):
+        """(sharding of row arrays, zero carry placed with it), cached: the carry every block
+        returns has that sharding, so jit reuses one program. One device reports all outputs as
+        replicated, hence replicated there."""
+        if (rows, window) not in self._zero_carry:
+            mesh = self.mesh
+            sharding = parallel.data_sharded(mesh) if mesh.devices.size > 1 else parallel.replicated(mesh)
+            if window:
+                state = (np.zeros((rows, window), np.int32), np.zeros((rows,), np.int32))
+            else:  # zeros built on the host: no device round trip
+                shapes = jax.eval_shape(lambda: self.model.initial_carry(rows))
+                state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+            carry = jax.device_put((state, np.zeros((rows,), np.int32)), sharding)
+            self._zero_carry[(rows, window)] = (sharding, carry)
+        return self._zero_carry[(rows, window)]
 
     def generate(self, num_samples: int = 1, length: int = 400, **kwargs) -> Samples:
         chunks = list(self.iter_chunks(num_samples, length, **kwargs))
@@ -396,12 +433,7 @@ class _Chunk:
         which = np.arange(first, first + rows) % len(plan.primes)
         self.primes, self.prime_len = plan.prime_BxP[which], plan.prime_len[which]
         temps = np.array(plan.temps, np.float32)[np.arange(first, first + rows) % len(plan.temps)]
-        if plan.window:
-            state = (np.zeros((rows, plan.window), np.int32), np.zeros((rows,), np.int32))
-        else:
-            state = jax.tree.map(np.asarray, sampler.model.initial_carry(rows))
-        self.row_sharding = parallel.data_sharded(sampler.mesh)
-        self.carry = (state, np.zeros((rows,), np.int32))
+        self.row_sharding, self.carry = sampler.initial_carry(rows, plan.window)
         self.row_args = put((self.prime_len, temps))
         self.scalars = (np.int32(first), np.uint32(plan.seed), np.int32(plan.top_k),
                         np.float32(plan.top_p))
@@ -409,23 +441,21 @@ class _Chunk:
         self.drawn_NxT = np.empty((len(self.index), plan.num_blocks * plan.block), np.int32)
 
     def dispatch(self, b: int) -> jax.Array:
-        """Starts block b (asynchronously); returns its (S, B) draws, still on the device."""
+        """Starts block b (asynchronously); returns its (B, S) draws, still on the device."""
         s = self.plan.block
         prime_BxS = np.zeros((self.plan.rows, s), np.int32)
         prime_BxS[:, :max(0, self.primes.shape[1] - b * s)] = self.primes[:, b * s:(b + 1) * s]
-        # Every block sees its carry with one sharding (a block returns it as the compiler chose,
-        # e.g. replicated on one device), so jit finds the one program it compiled.
-        carry = jax.device_put(self.carry, self.row_sharding)
-        self.carry, drawn_SxB = _block(
-            self.sampler.graphdef, self.sampler.params, carry, self.put(prime_BxS),
+        self.carry, drawn_BxS = _block(
+            self.sampler.graphdef, self.sampler.params, self.carry, self.put(prime_BxS),
             *self.row_args, *self.scalars, np.int32(b * s), self.first_draw,
-            kernel=self.sampler.kernel, filters=self.plan.filters, window=self.plan.window)
-        return drawn_SxB
+            kernel=self.sampler.kernel, filters=self.plan.filters, window=self.plan.window,
+            rows=self.row_sharding)
+        return drawn_BxS
 
-    def store(self, b: int, drawn_SxB: jax.Array) -> Optional[Samples]:
+    def store(self, b: int, drawn_BxS: jax.Array) -> Optional[Samples]:
         """Copies block b's draws to the host; after the last block, returns the finished rows."""
         s, n = self.plan.block, len(self.index)
-        self.drawn_NxT[:, b * s:(b + 1) * s] = np.asarray(drawn_SxB)[:, :n].T
+        self.drawn_NxT[:, b * s:(b + 1) * s] = np.asarray(drawn_BxS)[:n]
         if b < self.plan.num_blocks - 1:
             return None
         plan = self.plan

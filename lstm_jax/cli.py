@@ -101,25 +101,22 @@ def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
     return f"{e}\n  (lstm-jax COMMAND --help lists every flag)"
 
 
-def _cpu_device_count(config) -> int:
-    """`parallel.cpu_devices` as a count: 0 = what suits this model on this host, -1 = one per core."""
-    if config.parallel.cpu_devices > 0:
-        return config.parallel.cpu_devices
-    if config.parallel.cpu_devices < 0:
-        return hostenv.cpu_count()
-    micro_batch = config.batch_size // max(config.grad_accum_steps, 1)
-    return hostenv.recommended_cpu_devices(config.model.hidden_size, micro_batch)
-
-
-def _host_setup(config) -> None:
-    """Fast CPU settings and multi-host start-up; must run before JAX computes anything."""
-    if config.parallel.tune_allocator:
-        hostenv.tune_cpu_allocator()
-    hostenv.configure_cpu_devices(_cpu_device_count(config))
+def _host_setup(config) -> "hostenv.HostPlan":
+    """Host settings (CPU runs only: allocator, CPU device count, XLA:CPU pool) and multi-host
+    start-up; must run before JAX computes anything."""
+    batch = (config.per_device_batch_size * hostenv.cpu_count() if config.per_device_batch_size
+             else config.batch_size) // max(config.grad_accum_steps, 1)
+    try:
+        plan = hostenv.setup_host(hidden_size=config.model.hidden_size, batch_size=batch,
+                                  cpu_devices=config.parallel.cpu_devices,
+                                  tune_allocator=config.parallel.tune_allocator)
+    except ValueError as e:   # hostenv.UnsafeHostSetting: a PJRT_NPROC XLA:CPU would abort with
+        raise SystemExit(f"lstm-jax train: {e}")
     if config.parallel.distributed:
         from lstm_jax import parallel
         parallel.initialize_distributed(config.parallel.coordinator_address,
                                         config.parallel.num_processes, config.parallel.process_id)
+    return plan
 
 
 def _define_common(fv: flags.FlagValues) -> None:
@@ -141,9 +138,13 @@ def train(argv: Sequence[str]) -> int:
         config_lib.validate(config)
     except ValueError as e:
         raise SystemExit(f"lstm-jax train: {e}")
-    _host_setup(config)
+    host = _host_setup(config)
     import jax
     from lstm_jax import loop
+    if jax.process_index() == 0:
+        print(host.summary())
+        if note := host.confirm(jax.default_backend()):
+            print(note)
     result = _friendly(lambda: loop.train_and_evaluate(
         config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value,
         step=fv["step"].value), fv["debug"].value)

@@ -19,7 +19,7 @@ import ml_collections
 # fixes the batches, the model or the update, and a resume that changes it is refused
 # (workdir.resume_differences).
 RESUMABLE_FIELDS = (
-    "num_epochs", "max_steps", "log_every", "eval_every", "eval_window", "eval_stride",
+    "num_epochs", "max_steps", "time_budget_s", "log_every", "eval_every", "eval_window", "eval_stride",
     "eval_max_windows", "eval_text", "encoding_errors", "model.backward",
     "sample.temperatures", "sample.length", "sample.every_epochs", "sample.prime",
     "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.keep_best",
@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.final_lr_fraction = 0.1
     c.num_epochs = 8                   # passes over the training split
     c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
+    c.time_budget_s = 0.0              # if > 0, as many steps as fit in this much training time
+                                       # (train_s; the rate is measured after 30 steps), at most
+                                       # num_epochs / max_steps; the cosine decays to that end
     c.seed = 0                         # params, shuffling, dropout and samples all derive from it
     # --- logging, evaluation, samples -----------------------------------------------------------
     c.log_every = 50                   # steps between metrics.jsonl training events
@@ -189,7 +192,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if config.per_device_batch_size < 0 or (config.per_device_batch_size == 0 and config.batch_size <= 0):
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
-    for name in ("max_steps", "eval_every", "checkpoint.every_steps", "sample.every_epochs"):
+    for name in ("max_steps", "time_budget_s", "eval_every", "checkpoint.every_steps", "sample.every_epochs"):
         if _get(config, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {_get(config, name)!r}")
     if config.objective not in ("window", "sequence", "stream"):

@@ -80,8 +80,12 @@ def plan_run(config: ml_collections.ConfigDict) -> Plan:
     total = min(epochs_steps, config.max_steps) if config.max_steps else epochs_steps
     windows = (data.eval_windows(corpus.val_tokens, config.eval_window, config.eval_stride,
                                  config.eval_max_windows) if len(corpus.val_tokens) else None)
-    return Plan(config, corpus, mesh, batch, batcher, total, windows,
-                train_lib.model_config(config, len(corpus.vocab)))
+    model_cfg = train_lib.model_config(config, len(corpus.vocab))
+    if model_cfg.backward == "cudnn":   # GPU-only, one device or pmap: a clear refusal elsewhere
+        from lstm_jax import cudnn
+        cudnn.check_supported(model_cfg, jax.default_backend(), num_devices=mesh.devices.size,
+                              parallel_mode=config.parallel.mode)
+    return Plan(config, corpus, mesh, batch, batcher, total, windows, model_cfg)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -147,6 +151,9 @@ class _Start:
     elapsed_s: float = 0.0
     epoch_loss: Optional[dict] = None    # {"epoch", "sum", "steps"} of the epoch in progress
     best: Optional[dict] = None          # {"step", "value", "evals_since"} of the best metric
+    side_s: float = 0.0                  # eval/checkpoint/sample time of earlier sessions
+    total_steps: int = 0                 # the run's length (the plan's, or fixed by the time budget)
+    budget_fixed: bool = False           # time_budget_s already fixed the length (saved)
 
 
 def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer,
@@ -173,11 +180,13 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
                                                   if s > at and s not in unreadable])
         parallel.barrier("lstm_jax: checkpoints set aside")
         pieces = meta.get("lr_pieces") or train_lib.lr_segments(config, meta.get("total_steps", plan.total_steps))
-        pieces, how = train_lib.continue_lr_segments(pieces, config, at, plan.total_steps)
+        budget_fixed = bool(config.time_budget_s) and meta.get("budget_fixed_for") == config.time_budget_s
+        total = min(meta["total_steps"], plan.total_steps) if budget_fixed else plan.total_steps
+        pieces, how = train_lib.continue_lr_segments(pieces, config, at, total)
         _say(f"resuming {workdir} from step {at} (epoch {at / plan.steps_per_epoch:.2f})"
-             + (f"; {meta.get('total_steps')} -> {plan.total_steps} steps: {how}" if how else ""))
+             + (f"; {meta.get('total_steps')} -> {total} steps: {how}" if how else ""))
         start = _Start(graphdef, state, at, pieces, meta.get("elapsed_s", 0.0), meta.get("epoch_loss"),
-                       meta.get("best"))
+                       meta.get("best"), meta.get("side_s", 0.0), total, budget_fixed)
     else:
         saved = workdir_lib.read_json(workdir / "config.json")
         if saved is not None:   # a run stopped before its first checkpoint: same contract
@@ -185,7 +194,8 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
             check({"config": saved, "vocab": vocab.get("chars", described["vocab"])})
         tx = train_lib.make_optimizer(config, plan.total_steps)
         graphdef, state = train_lib.init_state(config, plan.model_cfg, tx, plan.mesh)
-        start = _Start(graphdef, state, 0, train_lib.lr_segments(config, plan.total_steps))
+        start = _Start(graphdef, state, 0, train_lib.lr_segments(config, plan.total_steps),
+                       total_steps=plan.total_steps)
     if _is_main():
         workdir_lib.write_json(workdir / "config.json", described["config"])
         plan.vocab.save(workdir / "vocab.json")
@@ -205,8 +215,8 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
          progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
 
-    config, total = plan.config, plan.total_steps
-    tx = train_lib.make_optimizer(config, total, start.lr_pieces)
+    config, total, pieces = plan.config, start.total_steps, start.lr_pieces
+    tx = train_lib.make_optimizer(config, total, pieces)
     placement = _Placement(plan, start.graphdef, tx)
     state = placement.place_state(start.state)
     _say(f"{plan.mesh.devices.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
@@ -222,14 +232,17 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     evaluate = _Evaluator(plan, start.graphdef)
     early_stop = _EarlyStop(config.checkpoint.best_metric, config.checkpoint.early_stop_evals,
                             start.best)
-    save = _Saver(plan, checkpointer, meter, start.lr_pieces, early_stop)
+    save = _Saver(plan, checkpointer, meter, pieces, early_stop, total, start.budget_fixed)
     write_samples = _SampleWriter(plan, workdir, start.graphdef, bar)
+    budget = _Budget(config.time_budget_s, fixed=start.budget_fixed)
     every = lambda n, k: bool(k) and n % k == 0   # noqa: E731
     done, stop = start.step, _StopRequests(agree_every=config.log_every)
     try:
         with stop:
             batches = placement.batches(start.step)
-            for step in range(start.step, total):
+            for step in range(start.step, plan.total_steps):   # the budget may end the run sooner
+                if step >= total:
+                    break
                 state, metrics = placement.train_step(state, next(batches))
                 first = step == start.step
                 if first:   # it compiles the step: timed apart, kept out of chars_per_s
@@ -237,6 +250,14 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                         jax.block_until_ready(metrics)
                 meter.record(step, metrics, counted=not first)
                 done = step + 1
+                if (length := budget.length(done, meter, state, total)) is not None:
+                    total, pieces, how = length, *train_lib.continue_lr_segments(pieces, config, done, length)
+                    placement.set_optimizer(train_lib.make_optimizer(config, total, pieces))
+                    save.set_length(total, pieces)
+                    meter.lr_pieces, bar.total = pieces, total
+                    _say(f"time budget {config.time_budget_s:g} s of training: {total} steps "
+                         f"({budget.rate:.1f} steps/s measured over {_Budget.PROBE} steps)"
+                         + (f"; {how}" if how else ""), bar)
                 if stop.requested(done, state):
                     break
                 end_of_epoch = done % plan.steps_per_epoch == 0 or done == total
@@ -281,19 +302,24 @@ class _Placement:
     of the state per device under pmap. Both build the same global batches."""
 
     def __init__(self, plan: Plan, graphdef, tx):
-        self.plan, self.config = plan, plan.config
+        self.plan, self.config, self.graphdef = plan, plan.config, graphdef
         self.pmap = self.config.parallel.mode == "pmap"
         self.key = jax.random.key(self.config.seed)
-        spe = plan.steps_per_epoch
         if self.pmap:
             self.devices = list(plan.mesh.devices.flat)   # pmap wants the same list on every process
             self.n_local = sum(d.process_index == jax.process_index() for d in self.devices)
-            self.step_fn = train_lib.make_pmap_train_step(graphdef, tx, self.config, devices=self.devices,
-                                                          steps_per_epoch=spe)
-        else:
-            self.step_fn = train_lib.make_train_step(graphdef, tx, self.config, steps_per_epoch=spe,
-                                                     mesh=plan.mesh)
         self.rows = parallel.process_rows(plan.batch)
+        self.set_optimizer(tx)
+
+    def set_optimizer(self, tx) -> None:
+        """Builds the step for `tx` (again when the time budget fixes the run's length)."""
+        spe = self.plan.steps_per_epoch
+        if self.pmap:
+            self.step_fn = train_lib.make_pmap_train_step(self.graphdef, tx, self.config,
+                                                          devices=self.devices, steps_per_epoch=spe)
+        else:
+            self.step_fn = train_lib.make_train_step(self.graphdef, tx, self.config,
+                                                     steps_per_epoch=spe, mesh=self.plan.mesh)
 
     def place_state(self, state):
         """pmap: params and optimizer state copied to every device, a stream carry split so each
@@ -331,6 +357,35 @@ class _Placement:
         return glob.replace(carry=jax.tree.map(rows, state.carry))
 
 
+class _Budget:
+    """time_budget_s: once per budget, after PROBE steps timed apart from compilation and side
+    work, fixes the run's length at what fits in the budget's remaining training time (train_s)
+    at the measured step rate, never beyond num_epochs/max_steps. The processes of a run take the
+    shortest length any of them measured. Saved with checkpoints, so a resume keeps it."""
+    PROBE = 30
+
+    def __init__(self, budget_s: float, fixed: bool):
+        self.budget_s, self.pending = budget_s, budget_s > 0 and not fixed
+        self.probe_from: Optional[tuple[int, float]] = None
+        self.rate = 0.0
+
+    def length(self, done: int, meter: "_Meter", state, total: int) -> Optional[int]:
+        if not self.pending:
+            return None
+        if self.probe_from is None:         # after the session's first (compiling) step
+            self.probe_from = (done, meter.train_time())
+            return None
+        if done - self.probe_from[0] < self.PROBE:
+            return None
+        jax.block_until_ready(state)
+        self.pending = False
+        self.rate = (done - self.probe_from[0]) / max(meter.train_time() - self.probe_from[1], 1e-9)
+        # the new schedule compiles the step once more (about as long as the first compile)
+        left = self.budget_s - meter.train_time() - meter.compile_s
+        fits = done + int(max(0.0, left) * self.rate)
+        return -parallel.max_over_processes(-min(total, max(done, fits)))
+
+
 class _Diverged(Exception):
     """The params after `step` updates scored `value` on `what` (train_loss or val_loss)."""
 
@@ -352,8 +407,10 @@ class _Meter:
         self.targets_per_step = plan.batch * (1 if c.objective == "window" else c.seq_len)
         self.limit = math.log(len(plan.vocab)) + DIVERGENCE_MARGIN
         self.lr_pieces = start.lr_pieces
-        self.elapsed_before = start.elapsed_s
+        self.elapsed_before, self.side_before = start.elapsed_s, start.side_s
         self.session_start = self.window_start = time.perf_counter()
+        self.side_total = 0.0                         # this session's eval/checkpoint/sample time
+        self.compile_s = 0.0                          # the session's first step (it compiles)
         self.pending: list[tuple[int, Any, bool]] = []   # (step, device metrics, in the rate)
         self.side_s: dict[str, float] = {}
         e = start.epoch_loss or {}
@@ -363,12 +420,16 @@ class _Meter:
         self.last_eval: dict = {}
 
     def elapsed(self) -> float:
-        """Training time of the run across sessions (a killed session's lost steps excluded)."""
+        """Wall time of the run's loop across sessions (a killed session's lost steps excluded)."""
         return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def train_time(self) -> float:
+        """`elapsed` without the side work (evaluation, checkpoints, samples); compilation in."""
+        return self.elapsed() - self.side_before - self.side_total
 
     def _event(self, step: int) -> dict:
         return {"step": step, "epoch": step / self.plan.steps_per_epoch,
-                "elapsed_s": round(self.elapsed(), 3),
+                "elapsed_s": round(self.elapsed(), 3), "train_s": round(self.train_time(), 3),
                 "session_elapsed_s": round(time.perf_counter() - self.session_start, 3)}
 
     def record(self, step: int, metrics, counted: bool = True) -> None:
@@ -422,6 +483,10 @@ class _Meter:
         finally:
             now = time.perf_counter()
             self.side_s[name] = self.side_s.get(name, 0.0) + now - t0
+            if name == "compile_s":
+                self.compile_s = now - t0
+            else:
+                self.side_total += now - t0
             self.window_start = now
 
     def write_eval(self, step: int, val: dict, end_of_epoch: bool) -> None:
@@ -443,7 +508,8 @@ class _Meter:
     def snapshot(self) -> dict:
         """What a checkpoint needs to resume the metrics exactly (after `flush`)."""
         e, total, n = self.epoch
-        return {"elapsed_s": self.elapsed(), "epoch_loss": {"epoch": e, "sum": total, "steps": n}}
+        return {"elapsed_s": self.elapsed(), "side_s": self.side_before + self.side_total,
+                "epoch_loss": {"epoch": e, "sum": total, "steps": n}}
 
 
 class TextEval:
@@ -547,9 +613,15 @@ class _Saver:
     position, the learning-rate schedule, elapsed time and the epoch's running loss)."""
 
     def __init__(self, plan: Plan, checkpointer: ckpt.Checkpointer, meter: _Meter, lr_pieces: list,
-                 early_stop: "_EarlyStop"):
+                 early_stop: "_EarlyStop", total_steps: int, budget_fixed: bool):
         self.plan, self.checkpointer, self.meter, self.lr_pieces = plan, checkpointer, meter, lr_pieces
-        self.early_stop = early_stop
+        self.early_stop, self.total_steps = early_stop, total_steps
+        self.budget_fixed_for = plan.config.time_budget_s if budget_fixed else None
+
+    def set_length(self, total_steps: int, lr_pieces: list) -> None:
+        """The time budget fixed the run's length: later checkpoints carry it."""
+        self.total_steps, self.lr_pieces = total_steps, lr_pieces
+        self.budget_fixed_for = self.plan.config.time_budget_s
 
     def __call__(self, step: int, state, val: Optional[dict] = None) -> None:
         if self.checkpointer.latest_step() == step:
@@ -557,7 +629,8 @@ class _Saver:
         spe, val = self.plan.steps_per_epoch, val or {}
         meta = {**self.plan.description(), "step": step, "epoch": step // spe,
                 "batch_in_epoch": step % spe, "steps_per_epoch": spe,
-                "total_steps": self.plan.total_steps, "lr_pieces": self.lr_pieces,
+                "total_steps": self.total_steps, "budget_fixed_for": self.budget_fixed_for,
+                "lr_pieces": self.lr_pieces,
                 "num_devices": int(self.plan.mesh.devices.size), "jax_version": jax.__version__,
                 "lstm_jax_version": _version(), "val_loss": val.get("val_loss"),
                 "best": self.early_stop.best, **self.meter.snapshot()}

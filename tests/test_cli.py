@@ -131,12 +131,20 @@ def test_console_script_entry_point_runs():
     (3, 128, 128, 1, 3),    # explicit
 ])
 def test_cpu_device_count(monkeypatch, cpu_devices, hidden, batch, accum, expected):
+    """The CLI plans the host from the config (micro-batch = batch / grad_accum_steps)."""
     from lstm_jax import config as config_lib, hostenv
+    seen = {}
+
+    def fake_setup(**kwargs):
+        seen.update(kwargs)
+        return hostenv.plan_host(platform="cpu", cores=2, **kwargs)
+    monkeypatch.setattr(hostenv, "setup_host", fake_setup)
     monkeypatch.setattr(hostenv, "cpu_count", lambda: 2)
     c = config_lib.get_config()
     c.parallel.cpu_devices, c.model.hidden_size, c.batch_size, c.grad_accum_steps = (
         cpu_devices, hidden, batch, accum)
-    assert cli._cpu_device_count(c) == expected
+    assert cli._host_setup(c).cpu_devices == expected
+    assert seen["batch_size"] == batch // accum
 
 
 # --- one-line errors for what users get wrong -------------------------------------------------

@@ -1,6 +1,7 @@
 """Train step: Keras RMSprop rule, learning, compile-once, accumulation, non-finite loss."""
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -424,3 +425,25 @@ def test_whole_text_evaluation_equals_a_numpy_reference(tmp_path):
         total += (-logp[np.arange(len(row) - 1), row[1:]] * w).sum()
     assert evaluator.chars == 899
     np.testing.assert_allclose(got, total / 899, rtol=1e-5)
+
+
+def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path, repetitive_corpus, capsys):
+    """time_budget_s: the length is set once from the measured rate, the cosine ends at it (the
+    last update at the final rate), it is saved, and the same command afterwards has nothing left
+    to train (no second measurement). Fails if the budget is ignored (the run goes on for all
+    epochs), if the schedule keeps the old horizon, or if a resume measures again."""
+    from lstm_jax.checkpoint import Checkpointer
+    config = tiny_config(corpus=repetitive_corpus, max_steps=0, num_epochs=20, time_budget_s=1.5,
+                         log_every=5, **{"checkpoint.every_steps": 0})
+    result = train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    out = capsys.readouterr().out
+    assert re.search(rf"time budget 1.5 s of training: {result.step} steps", out), out
+    c = Checkpointer(tmp_path / "run")
+    meta = c.metadata()
+    c.close()
+    assert meta["total_steps"] == result.step < 20 * meta["steps_per_epoch"]
+    assert meta["budget_fixed_for"] == 1.5
+    assert train.lr_at(meta["lr_pieces"], result.step) == pytest.approx(0.001)
+    again = train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    out = capsys.readouterr().out
+    assert again.step == result.step and "nothing to train" in out and "time budget" not in out

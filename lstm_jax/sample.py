@@ -65,6 +65,8 @@ MIN_ROWS = 64
 DEFAULT_CHUNK = 1024
 MAX_BLOCK = 1024          # most steps per block call
 BLOCK_FLOPS = 1e11        # model FLOPs per block call: ~1 s on a 2-core CPU, far less on a GPU
+CALL_FLOPS = 1e7          # the host overhead of one block call (~0.1 ms), in FLOPs of model work
+MIN_STEP_FLOPS = 5e5      # what a step costs at the least, however small the model (loop overhead)
 UNROLLED_MAX_VOCAB = 128  # measured crossover on CPU (benchmarks/results/sample_cpu.json)
 BISECTION_PASSES = 31     # the bits of a probability in [0, 1] span < 2**30 values
 
@@ -590,15 +592,18 @@ def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_sa
 
 def block_steps(steps: int, flops_per_step: float) -> int:
     """Steps per block call for a request of `steps` steps whose every step costs `flops_per_step`
-    (all rows): all of them rounded up to STEP_BUCKET when that fits in MAX_BLOCK and BLOCK_FLOPS;
-    else equal blocks of a multiple of STEP_BUCKET, or a power of two below it when a step is so
-    costly that even STEP_BUCKET steps would exceed BLOCK_FLOPS."""
+    (all rows). The cap: MAX_BLOCK steps, or fewer so that a block stays within BLOCK_FLOPS (a
+    power of two, 1 at the least); a cap below STEP_BUCKET is the block itself. Under the cap, the
+    multiple of STEP_BUCKET with the least cost = padded steps x step cost + calls x CALL_FLOPS:
+    400 cheap steps run as one 448-step block, 400 costly ones (cap 256) as 7 blocks of 64, not 2
+    of 256; 1,025 cheap steps as 2 blocks of 576, not 17 of 64.
+    """
     cap = min(MAX_BLOCK, 1 << max(0, int(BLOCK_FLOPS // max(flops_per_step, 1)).bit_length() - 1))
     if cap < STEP_BUCKET:
         return cap
-    cap -= cap % STEP_BUCKET
-    blocks = -(-steps // cap)
-    return _round_up(-(-steps // blocks), STEP_BUCKET)
+    step_cost = max(flops_per_step, MIN_STEP_FLOPS)
+    return min(range(cap - cap % STEP_BUCKET, 0, -STEP_BUCKET),   # ties: the larger block
+               key=lambda b: -(-steps // b) * (b * step_cost + CALL_FLOPS))
 
 
 def _check_args(num_samples, length, temperature, top_k, top_p, seed, chunk_size, unknown,

@@ -419,13 +419,15 @@ def test_long_generations_run_in_bounded_blocks(one_device, monkeypatch):
 
 
 def test_block_steps_bound_the_work_of_one_call():
-    """Catches blocks longer than MAX_BLOCK, blocks whose work exceeds BLOCK_FLOPS, and long
-    requests padded up to twice their length (equal blocks, rounded to STEP_BUCKET)."""
-    assert sample.block_steps(401, 1e3) == 448
+    """Catches blocks longer than MAX_BLOCK or heavier than BLOCK_FLOPS, and padding that costs
+    more than the calls it saves (400 costly steps as 2 x 256 ran 14% slower than 7 x 64)."""
+    assert sample.block_steps(401, 1e3) == 448                   # one block, as before blocks
+    assert sample.block_steps(400, sample.BLOCK_FLOPS / 353) == 64   # 1,024 rows, V = 57
+    assert sample.block_steps(1025, 1e3) == 576                  # not 17 blocks of 64
     for steps in (1025, 2100, 10**6):
         block = sample.block_steps(steps, 1e3)
-        assert block <= sample.MAX_BLOCK and block % sample.STEP_BUCKET == 0
         blocks = -(-steps // block)
+        assert block <= sample.MAX_BLOCK and block % sample.STEP_BUCKET == 0
         assert blocks * block - steps < sample.STEP_BUCKET * blocks
     assert sample.block_steps(400, sample.BLOCK_FLOPS / 10) == 8
     assert sample.block_steps(400, sample.BLOCK_FLOPS * 3) == 1

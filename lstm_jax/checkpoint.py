@@ -9,12 +9,16 @@ the manager's directory rather than deleted.
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import pathlib
 import shutil
 import warnings
 from typing import Any, Callable, Optional
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -79,13 +83,23 @@ class Checkpointer:
     def save(self, step: int, state: Any, metadata: dict, val_loss: Optional[float] = None,
              metrics: Optional[dict] = None) -> None:
         """Starts an asynchronous save (collective: every process calls it). `metrics` (or
-        `val_loss` alone) rank the checkpoint for keep_best."""
+        `val_loss` alone) rank the checkpoint for keep_best. A save that cannot fit on the disk
+        is refused before it starts (an OSError ENOSPC): Orbax's background writers would
+        otherwise fail halfway, leaving a partial step and their tracebacks."""
+        self._check_space(state, metadata)
         if metrics is None and val_loss is not None:
             metrics = {"val_loss": val_loss}
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           metadata=ocp.args.JsonSave(metadata)),
             metrics={k: float(v) for k, v in metrics.items()} if metrics else None, force=True)
+
+    def _check_space(self, state: Any, metadata: dict) -> None:
+        size = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)) + len(json.dumps(metadata))
+        free = shutil.disk_usage(self.directory).free
+        if free < 1.1 * size + (1 << 20):   # a margin for Orbax's own files
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: a checkpoint needs about "
+                          f"{size / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free", str(self.directory))
 
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """Restores into the shapes and shardings of `abstract_state` (any device count)."""

@@ -307,19 +307,19 @@ class _DropLibraryErrors(logging.Filter):
 def _quiet_library_tracebacks(debug: bool):
     """Orbax and TensorStore report a failed background save (a full disk, say) as logged
     tracebacks, and their callbacks print asyncio's 'Event loop is closed' through sys.excepthook,
-    before the save's error reaches `_friendly`, which reports it in one line. Muted while a
-    command runs, unless --debug."""
+    before and after the save's error reaches `_friendly`, which reports it in one line. Muted
+    while a command runs and, after an error, until the process exits; --debug keeps them."""
     if debug:
         yield
         return
-    absl_logger, drop, hook = logging.getLogger("absl"), _DropLibraryErrors(), sys.excepthook
-    absl_logger.addFilter(drop)
+    loggers, drop, hook = [logging.getLogger(n) for n in ("absl", "asyncio")], _DropLibraryErrors(), sys.excepthook
+    for logger in loggers:
+        logger.addFilter(drop)
     sys.excepthook = lambda *exc: None
-    try:
-        yield
-    finally:
-        sys.excepthook = hook
-        absl_logger.removeFilter(drop)
+    yield    # on an error, stay muted: the command exits, and pending callbacks print on the way out
+    sys.excepthook = hook
+    for logger in loggers:
+        logger.removeFilter(drop)
 
 
 def _os_error_in(e: BaseException) -> Optional[OSError]:
@@ -337,7 +337,12 @@ def _os_error_in(e: BaseException) -> Optional[OSError]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv if argv is None else argv)
+    """The console entry point (`lstm-jax`, `python -m lstm_jax.cli`)."""
+    return _main(sys.argv if argv is None else argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    argv = list(argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
         print(_usage())
         return 0

@@ -29,8 +29,11 @@ from lstm_jax import workdir as workdir_lib
 from lstm_jax.model import CharLSTM, ModelConfig
 
 LN2 = math.log(2.0)
-# A loss worse than guessing uniformly (ln V nats/char) by this margin means training diverged.
+# Training diverged when the loss is non-finite, or worse than guessing uniformly (ln V nats/char)
+# by DIVERGENCE_MARGIN for DIVERGENCE_STEPS steps in a row (early spikes, e.g. RMSprop's first
+# updates from zero velocity, recover within a few steps; a diverged run stays there).
 DIVERGENCE_MARGIN = 1.0
+DIVERGENCE_STEPS = 20
 
 
 @dataclasses.dataclass
@@ -406,6 +409,7 @@ class _Meter:
         self.chars_per_step = plan.batch * c.seq_len
         self.targets_per_step = plan.batch * (1 if c.objective == "window" else c.seq_len)
         self.limit = math.log(len(plan.vocab)) + DIVERGENCE_MARGIN
+        self.bad_since: Optional[int] = None   # first step of the current run of too-high losses
         self.lr_pieces = start.lr_pieces
         self.elapsed_before, self.side_before = start.elapsed_s, start.side_s
         self.session_start = self.window_start = time.perf_counter()
@@ -450,8 +454,14 @@ class _Meter:
         fetched = [jax.tree.map(lambda x: float(np.ravel(x)[0]), m)
                    for m in jax.device_get([m for _, m, _ in ready])]
         for (step, _, _), m in zip(ready, fetched):
-            if not m["loss"] < self.limit:    # also catches NaN
+            if not math.isfinite(m["loss"]):
                 raise _Diverged(step, "train_loss", m["loss"])
+            if m["loss"] < self.limit:
+                self.bad_since = None
+            elif self.bad_since is None:
+                self.bad_since = step
+            elif step - self.bad_since + 1 >= DIVERGENCE_STEPS:
+                raise _Diverged(self.bad_since, "train_loss", m["loss"])
             epoch = step // self.plan.steps_per_epoch
             e, total, n = self.epoch if self.epoch[0] == epoch else (epoch, 0.0, 0)
             self.epoch = (e, total + m["loss"], n + 1)
@@ -730,10 +740,13 @@ def _diverged_error(d: _Diverged, plan: Plan, checkpointer: ckpt.Checkpointer) -
     fix = f"--new_run --config.optimizer.learning_rate={o.learning_rate / 10:g}"
     if o.clip_norm == 0:
         fix += " or gradient clipping (--config.optimizer.clip_norm=5)"
+    lnv = math.log(len(plan.vocab))
+    what = (f"{d.what} {d.value:.4g}" if d.what == "val_loss" or not math.isfinite(d.value) else
+            f"{d.what} above ln V + {DIVERGENCE_MARGIN:g} = {lnv + DIVERGENCE_MARGIN:.2f} for "
+            f"{DIVERGENCE_STEPS} steps from step {d.step} (last {d.value:.4g})")
     return train_lib.TrainingError(
-        f"training diverged at step {d.step}: {d.what} {d.value:.4g} "
-        f"(a uniform guess scores ln V = {math.log(len(plan.vocab)):.2f}); {on_disk}. Start afresh "
-        f"with a lower learning rate ({fix}).")
+        f"training diverged at step {d.step}: {what}; a uniform guess scores ln V = {lnv:.2f}; "
+        f"{on_disk}. Start afresh with a lower learning rate ({fix}).")
 
 
 # --- restoring a trained model ----------------------------------------------------------------

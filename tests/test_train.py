@@ -143,14 +143,16 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path
 
 def test_an_exploding_loss_stops_and_no_diverged_checkpoint_is_left_latest(tmp_path, repetitive_corpus):
     """learning_rate=1e6 with clipping keeps the loss finite but huge (no NaN): the guard
-    (loss above ln V + 1) must stop the run, and every checkpoint left in checkpoints/ must hold
-    params whose loss is still sane. Fails without the explosion check (the run 'succeeds' with a
-    garbage latest checkpoint) or if checkpoints saved after the divergence stay in place."""
+    (loss above ln V + 1 for 20 steps) must stop the run, and every checkpoint left in
+    checkpoints/ must hold params whose loss is still sane. Fails without the explosion check
+    (the run 'succeeds' with a garbage latest checkpoint) or if checkpoints saved after the
+    divergence stay in place."""
     from lstm_jax import loop
     from lstm_jax.checkpoint import Checkpointer
-    config = tiny_config(corpus=repetitive_corpus, max_steps=20, log_every=1,
+    config = tiny_config(corpus=repetitive_corpus, max_steps=40, log_every=1,
                          **{"optimizer.learning_rate": 1e6, "checkpoint.every_steps": 1})
-    with pytest.raises(train.TrainingError, match=r"diverged at step \d+: train_loss") as error:
+    with pytest.raises(train.TrainingError, match=r"diverged at step \d+: train_loss above ln V "
+                                                  r"\+ 1 = \d\.\d\d for 20 steps") as error:
         train.train_and_evaluate(config, tmp_path / "run", progress=False)
     message = str(error.value)
     workdir = tmp_path / "run"
@@ -447,3 +449,20 @@ def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path,
     again = train.train_and_evaluate(config, tmp_path / "run", progress=False)
     out = capsys.readouterr().out
     assert again.step == result.step and "nothing to train" in out and "time budget" not in out
+
+
+def test_an_early_loss_spike_that_recovers_is_not_divergence(tmp_path, repetitive_corpus, monkeypatch):
+    """A loss above ln V + 1 for a few steps (RMSprop's first updates can do this) must not stop
+    the run; fails if the guard stops at the first high loss."""
+    original = train.loss_fn
+
+    def spiky(params, graphdef, batch, key, objective, carry=None):
+        loss, new_carry = original(params, graphdef, batch, key, objective, carry)
+        return loss + 20.0 * (loss > 2.9), new_carry     # the first few (high-loss) steps spike
+    monkeypatch.setattr(train, "loss_fn", spiky)
+    result = train.train_and_evaluate(tiny_config(corpus=repetitive_corpus, max_steps=30, log_every=1,
+                                                  **{"optimizer.learning_rate": 0.02}),
+                                      tmp_path / "run", progress=False)
+    losses = [r["train_loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+              if "train_loss" in r]
+    assert result.step == 30 and max(losses) > 20 and losses[-1] < 3

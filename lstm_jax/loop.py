@@ -259,7 +259,7 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                     save.set_length(total, pieces)
                     meter.lr_pieces, bar.total = pieces, total
                     _say(f"time budget {config.time_budget_s:g} s of training: {total} steps "
-                         f"({budget.rate:.1f} steps/s measured over {_Budget.PROBE} steps)"
+                         f"({budget.rate:.1f} steps/s measured)"
                          + (f"; {how}" if how else ""), bar)
                 if stop.requested(done, state):
                     break
@@ -361,28 +361,36 @@ class _Placement:
 
 
 class _Budget:
-    """time_budget_s: once per budget, after PROBE steps timed apart from compilation and side
-    work, fixes the run's length at what fits in the budget's remaining training time (train_s)
-    at the measured step rate, never beyond num_epochs/max_steps. The processes of a run take the
+    """time_budget_s: once per budget, fixes the run's length at what fits in the budget's
+    remaining training time (train_s) at the measured step rate, never beyond num_epochs /
+    max_steps. The rate is measured after WARMUP steps (the first ones after compiling are slow),
+    over at least PROBE steps and min(5% of the budget, 30 s). The processes of a run take the
     shortest length any of them measured. Saved with checkpoints, so a resume keeps it."""
-    PROBE = 30
+    WARMUP, PROBE = 5, 30
 
     def __init__(self, budget_s: float, fixed: bool):
         self.budget_s, self.pending = budget_s, budget_s > 0 and not fixed
+        self.probe_s = min(0.05 * budget_s, 30.0)
+        self.first: Optional[int] = None
         self.probe_from: Optional[tuple[int, float]] = None
         self.rate = 0.0
 
     def length(self, done: int, meter: "_Meter", state, total: int) -> Optional[int]:
         if not self.pending:
             return None
-        if self.probe_from is None:         # after the session's first (compiling) step
-            self.probe_from = (done, meter.train_time())
+        if self.first is None:            # after the session's first (compiling) step
+            self.first = done
+        if self.probe_from is None:
+            if done - self.first >= self.WARMUP:
+                jax.block_until_ready(state)
+                self.probe_from = (done, meter.train_time())
             return None
-        if done - self.probe_from[0] < self.PROBE:
+        steps, seconds = done - self.probe_from[0], meter.train_time() - self.probe_from[1]
+        if steps < self.PROBE or seconds < self.probe_s:
             return None
         jax.block_until_ready(state)
         self.pending = False
-        self.rate = (done - self.probe_from[0]) / max(meter.train_time() - self.probe_from[1], 1e-9)
+        self.rate = steps / max(meter.train_time() - self.probe_from[1], 1e-9)
         # the new schedule compiles the step once more (about as long as the first compile)
         left = self.budget_s - meter.train_time() - meter.compile_s
         fits = done + int(max(0.0, left) * self.rate)

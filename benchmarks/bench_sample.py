@@ -8,6 +8,8 @@ under `flock -x /tmp/lstm_jax_cpu.lock`, one short invocation per section or voc
   vocab      LSTM(256), 1,024 rows, length --vocab-length: by V, compile s per bucket (trace +
              lower + XLA compile, from jax.monitoring), chars/s, peak RSS (each V in a fresh
              process), and PyTorch in the same process.
+  filtered   top-k 40 + top-p 0.95 by V, LSTM(256), 1,024 rows: compile s of the filtered bucket,
+             chars/s against the unfiltered program (lstm_jax only).
   crossover  chars/s of the "unrolled" and "cumsum" draw kernels by V and rows, LSTM(128): the
              measurement behind sample.UNROLLED_MAX_VOCAB.
   long       peak RSS of 4 samples x --long-length chars (a fresh process each; not a timing).
@@ -25,6 +27,7 @@ load; medians over all calls are reported, with every call time and the load ave
     flock -x /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py batch
     for v in 57 256 1024 4096 10000 16384 20000; do
         flock -x /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py vocab --vocab $v; done
+    flock -x /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py filtered --vocab 57,1024,20000
     flock -x /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py crossover --vocab 32,57,96
     flock -s /tmp/lstm_jax_cpu.lock python benchmarks/bench_sample.py long
     python benchmarks/bench_sample.py plot
@@ -265,6 +268,37 @@ def case_vocab(spec: dict) -> dict:
     return row
 
 
+def section_filtered(args) -> dict:
+    """top-k 40 + top-p 0.95 (the bisection filters), LSTM(256), 1,024 rows, by V: compile s of the
+    filtered bucket and chars/s (lstm_jax only; fresh process per V)."""
+    out = {}
+    for v in args.vocab:
+        row = _worker({"case": "filtered", "vocab": v, "length": args.filtered_length})
+        out[str(v)] = row
+        _print(row)
+    return {"filters": {"top_k": 40, "top_p": 0.95}, "rows": out}
+
+
+def case_filtered(spec: dict) -> dict:
+    clock = CompileClock()
+    v, rows, length = spec["vocab"], 1024, spec["length"]
+    run = jax_runner(v, 256)
+    plain_first = run(rows, length)
+    clock.take()
+    plain = run(rows, length)
+    filtered_first = run(rows, length, top_k=40, top_p=0.95)
+    compile_s = clock.take()
+    filtered = min(run(rows, length, top_k=40, top_p=0.95) for _ in range(2))
+    return {"vocab": v, "rows": rows, "length": length, "kernel": run.kernel,
+            "filtered_compile_s": round(compile_s, 3),
+            "filtered_first_call_s": round(filtered_first, 3),
+            "unfiltered_chars_per_s": round(rows * length / min(plain, plain_first)),
+            "filtered_chars_per_s": round(rows * length / filtered),
+            "filtered_over_unfiltered": round(min(plain, plain_first) / filtered, 3),
+            "target_compile_met": compile_s < TARGETS["compile_s"],
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
 def section_crossover(args) -> dict:
     out = {}
     for v in args.vocab:
@@ -401,9 +435,12 @@ def plot(result: dict, path: pathlib.Path) -> None:
         names = [n for n in ("jax", "jax_baseline", "torch_onehot", "torch_embedding")
                  if f"{n}_chars_per_s" in sizes[0]]
         width = 0.8 / len(names)
+        labels = {"jax": "lstm_jax", "torch_onehot": "PyTorch loop (one-hot)",
+                  "torch_embedding": "PyTorch loop (embedding)",
+                  "jax_baseline": f"lstm_jax before ({result['batch'].get('baseline_ref')})"}
         for i, name in enumerate(names):
             ax.bar([j + (i - (len(names) - 1) / 2) * width for j in x],
-                   [r[f"{name}_chars_per_s"] for r in sizes], width, label=name)
+                   [r[f"{name}_chars_per_s"] for r in sizes], width, label=labels[name])
         ax.set_xticks(list(x), [str(r["rows"]) for r in sizes])
         ax.set_yscale("log")
         ax.set_xlabel("rows per call (V = 57, LSTM(128), length 400)")
@@ -417,15 +454,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "_case":
         spec = json.loads(sys.argv[2])
-        print(json.dumps({"vocab": case_vocab, "crossover": case_crossover,
-                          "long": case_long}[spec["case"]](spec)))
+        print(json.dumps({"vocab": case_vocab, "crossover": case_crossover, "long": case_long,
+                          "filtered": case_filtered}[spec["case"]](spec)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("section", choices=["batch", "vocab", "crossover", "long", "plot"])
+    parser.add_argument("section", choices=["batch", "vocab", "filtered", "crossover", "long",
+                                            "plot"])
     parser.add_argument("--batches", default="1,64,1024,4096")
     parser.add_argument("--vocab", default="57,256,1024,4096,16384")
     parser.add_argument("--vocab-length", type=int, default=64, help="chars per row in `vocab`")
     parser.add_argument("--long-length", type=int, default=1_000_000)
+    parser.add_argument("--filtered-length", type=int, default=16, help="chars per row in `filtered`")
     parser.add_argument("--baseline-ref", default="95aab48",
                         help="git ref of the sampler to compare with ('' = none)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds, alternating the libraries")
@@ -444,8 +483,8 @@ def main() -> None:
     if result.get("benchmark") != "sample" or "rows" in result:  # an older layout: start afresh
         result = {"benchmark": "sample"}
     if args.section != "plot":
-        section = {"batch": section_batch, "vocab": section_vocab, "crossover": section_crossover,
-                   "long": section_long}[args.section](args)
+        section = {"batch": section_batch, "vocab": section_vocab, "filtered": section_filtered,
+                   "crossover": section_crossover, "long": section_long}[args.section](args)
         previous = result.get(args.section, {})
         merged_rows = {**previous.get("rows", {}), **section.pop("rows")}
         result[args.section] = {**section, "rows": merged_rows,

@@ -67,7 +67,8 @@ MAX_BLOCK = 1024          # most steps per block call
 BLOCK_FLOPS = 1e11        # model FLOPs per block call: ~1 s on a 2-core CPU, far less on a GPU
 CALL_FLOPS = 1e7          # the host overhead of one block call (~0.1 ms), in FLOPs of model work
 MIN_STEP_FLOPS = 5e5      # what a step costs at the least, however small the model (loop overhead)
-UNROLLED_MAX_VOCAB = 128  # measured crossover on CPU (benchmarks/results/sample_cpu.json)
+UNROLLED_MAX_VOCAB = 128  # CPU crossover (bench_sample.py crossover): above it the unrolled
+                          # kernel loses at 64 rows and compiles 2-3x longer than cumsum
 BISECTION_PASSES = 31     # the bits of a probability in [0, 1] span < 2**30 values
 
 Prime = Union[None, str, Sequence[str]]

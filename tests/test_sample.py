@@ -269,6 +269,8 @@ def test_top_k_ties_stay_together_and_k_of_v_or_more_is_off(one_device, kernel, 
     plain = sample.generate(model, vocab, **kwargs).tokens
     for k in (vocab_size, vocab_size + 5):
         np.testing.assert_array_equal(sample.generate(model, vocab, top_k=k, **kwargs).tokens, plain)
+        plan = sample.Sampler(model, vocab, mesh=one_device).plan(64, 100, top_k=k)
+        assert plan.filters == (False, False)   # no filter compiled in
 
 
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.5), (4, 0.6)])
@@ -376,8 +378,10 @@ def test_compiles_once_per_bucket(one_device, vocab_size):
              dict(num_samples=64, length=n - 10, temperature=0.7, top_p=0.9, top_k=5, seed=3),
              dict(num_samples=60, length=n - 9, temperature=0.9, top_p=0.5, top_k=2, seed=4)]
     before = sample._block._cache_size()
-    texts = [sample.generate(model, vocab, mesh=one_device, **kw).texts for kw in calls]
-    # (64 rows, one block) x filters {off, top-k, top-k + top-p}
+    texts = [sample.generate(model, vocab, mesh=one_device, **kw).texts for kw in calls[:3]]
+    assert sample._block._cache_size() - before == 1   # (64 rows, one block), no filter
+    texts += [sample.generate(model, vocab, mesh=one_device, **kw).texts for kw in calls[3:]]
+    # ... and with filters {top-k, top-k + top-p}
     assert sample._block._cache_size() - before == 3
     assert [(len(t), len(t[0])) for t in texts] == [(c["num_samples"], c["length"]) for c in calls]
     sample.generate(model, vocab, num_samples=4, length=n + 60, mesh=one_device)  # next bucket

@@ -544,3 +544,59 @@ def test_a_stream_run_resumed_mid_epoch_with_its_carry_is_bit_exact(tmp_path, co
     assert any("carry" in name for name in want)
     assert_same_arrays(got, want)
     assert read_metadata(workdir, 10)["steps_per_epoch"] == 53
+
+
+def _greedy(model, vocab, prime: str, length: int) -> str:
+    """The argmax chain of `model` after `prime`, step by step (independent of the sampler)."""
+    carry = model.initial_carry(1)
+    for char in prime:
+        logits, carry = model.step(jnp.array([vocab.chars.index(char)]), carry)
+    out = []
+    for _ in range(length):
+        token = int(jnp.argmax(logits[0]))
+        out.append(vocab.chars[token])
+        logits, carry = model.step(jnp.array([token]), carry)
+    return "".join(out)
+
+
+def test_sample_step_flag_uses_that_checkpoint(tmp_path, reference):
+    """`lstm-jax sample --step 10` samples the step-10 model, not the latest: its rows equal the
+    sampler run here on restore_model(step=10), and differ from the latest model's. Fails if
+    --step is ignored."""
+    from lstm_jax import sample
+    out_path = tmp_path / "s.jsonl"
+    args = dict(num_samples=4, length=40, temperature=1.0, prime="the ", seed=3)
+    assert cli.main(["lstm-jax", "sample", "--workdir", str(reference.workdir), "--step=10",
+                     "--num_samples=4", "--length=40", "--temperature=1", "--prime=the ", "--seed=3",
+                     f"--out={out_path}"]) == 0
+    texts = [json.loads(line)["text"] for line in out_path.read_text().splitlines()]
+    at_10, vocab, _ = train.restore_model(reference.workdir, step=10)
+    assert texts == sample.generate(at_10, vocab, **args).texts
+    assert texts != sample.generate(reference.result.model, vocab, **args).texts
+
+
+def test_restore_model_of_the_best_step(tmp_path, corpus, monkeypatch):
+    """With val_loss best at epoch 2 of 4 (an evaluator scripted to say so), retention keeps
+    step 2 * spe as the best and restore_model(workdir, best_step) returns exactly its params.
+    Fails if keep_best ranks by anything else or the best step cannot be restored."""
+    from lstm_jax import loop
+    scripted = iter([3.0, 1.0, 2.0, 4.0])
+    monkeypatch.setattr(loop._Evaluator, "__call__", lambda self, params: {
+        "val_loss": next(scripted), "val_bpc": 0.0, "val_last_loss": 0.0})
+    small = write_corpus(tmp_path, "the quick brown fox jumps over the lazy dog. " * 40)
+    config = base_config(small, max_steps=0, num_epochs=4, **{"checkpoint.every_steps": 0,
+                                                              "checkpoint.max_to_keep": 1})
+    result = train.train_and_evaluate(config, tmp_path / "run", progress=False)
+    spe = result.step // 4
+    checkpointer = ckpt.Checkpointer(tmp_path / "run", read_only=True)
+    best, steps = checkpointer.best_step(), checkpointer.all_steps()
+    checkpointer.close()
+    assert best == 2 * spe and steps == [2 * spe, 4 * spe]
+    model, _, _ = train.restore_model(tmp_path / "run", step=best)
+    saved = checkpoint_arrays(tmp_path / "run", best)
+    for name, value in param_arrays(model).items():   # "['layers'][0]['bias'].value" ->
+        key = "['params']" + re.sub(r"\[(\d+)\]", r"['\1']", name).replace(".value", "['value']")
+        np.testing.assert_array_equal(value, saved[key], err_msg=name)
+    latest, _, _ = train.restore_model(tmp_path / "run")
+    assert any(not np.array_equal(a, b) for a, b in zip(param_arrays(model).values(),
+                                                         param_arrays(latest).values()))

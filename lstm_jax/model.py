@@ -151,8 +151,17 @@ class CharLSTM(nnx.Module):
                 keep = 1.0 - self.config.dropout
                 mask = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), keep, x_TxBxH.shape)
                 x_TxBxH = jnp.where(mask, x_TxBxH / keep, 0.0)
+        T, B, H = x_TxBxH.shape
         if last_only:
             logits = self.head(x_TxBxH[-1])
+        elif self.config.vocab_size > H:
+            # Large vocabularies: the head on 2-D (B*T, H) rows in batch-major order. On the 3-D
+            # (T, B, H) array XLA:CPU transposes the (T, B, V) logits for the (B, T, V) result
+            # and their gradient for the weight gradient; here only the (T, B, H) input is
+            # transposed, V/H times less data. Rows stay batch-major so that a batch sharded
+            # over devices stays sharded (merging (T, B) into rows would make GSPMD gather it).
+            x_BTxH = jnp.swapaxes(x_TxBxH, 0, 1).reshape(B * T, H)
+            logits = self.head(x_BTxH).reshape(B, T, -1)
         else:
             logits = jnp.swapaxes(self.head(x_TxBxH), 0, 1)
         return (logits, tuple(new_carry)) if return_carry else logits

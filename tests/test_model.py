@@ -205,6 +205,18 @@ def test_causality_through_gradients(backward):
     assert np.all(influence[allowed] > 0), "an earlier input of the same row has no influence"
 
 
+@pytest.mark.parametrize("V, H", [(5, 8), (11, 8)])
+def test_both_head_layouts_match_numpy_float64(V, H):
+    """The head runs on the (T, B, H) array when V <= H and on batch-major (B*T, H) rows when
+    V > H; both give the float64 reference's (B, T, V) logits. Fails if the row layout mixes rows
+    and steps (e.g. reshapes the time-major array) or drops the head's bias."""
+    model = randomize_biases(make_model(2, V=V, H=H))
+    tokens = np.random.default_rng(V).integers(0, V, (3, 7))
+    got = model(jnp.asarray(tokens))
+    want = numpy_forward(as_numpy_params(model), tokens).astype(np.float32)
+    assert_trees_close(got, want, atol=3e-7)   # observed max |error| 1.0e-7, as above
+
+
 def test_window_last_only_equals_last_position():
     """Fails if `last_only` picks another time step (e.g. the first) or skips the head's bias."""
     model = randomize_biases(make_model(1))

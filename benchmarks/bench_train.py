@@ -18,7 +18,8 @@ Variants (cumulative, as in the performance issue):
   default_env_dev  custom + devices without malloc tuning
   torch        PyTorch nn.LSTM as users run it (default environment)
   torch_malloc PyTorch with the same glibc malloc settings (MALLOC_* env vars)
-`--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags).
+`--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags, or
+"root": a copy of the repository to import lstm_jax from, for A/B runs of a code change).
 
 Workloads (`--workloads`): window (seed: H=128, B=128, T=60, loss on the last char; samples/s),
 sequence (same model, loss at every position; target chars/s), large (H=512, B=64, T=100,
@@ -70,6 +71,21 @@ for _l in (1, 2, 3):
     WORKLOADS[f"grid{_l}"] = [dict(vocab=57, hidden=h, layers=_l, batch=64, seq=50,
                                    objective="sequence") for h in (128, 256, 512, 1024)]
 WORKLOADS["grid"] = WORKLOADS["grid1"] + WORKLOADS["grid2"] + WORKLOADS["grid3"]
+# The default config's exact shape (`lstm-jax train`: LSTM(256), B=32, T=64, the built-in corpus's
+# 103 characters) and issue #12's large vocabulary (V=10,000; the PyTorch peer takes nn.Embedding
+# input there, as a PyTorch user would: one-hot input at that V is not a fair peer).
+WORKLOADS["default"] = [dict(vocab=103, hidden=256, layers=1, batch=32, seq=64, objective="sequence")]
+WORKLOADS["bigv"] = [dict(vocab=10_000, hidden=256, layers=1, batch=32, seq=64,
+                          objective="sequence", torch_input="embedding")]
+# The batch grid (issue #14): B x hidden x layers, sequence objective, T=64, V=57. One workload
+# name per (layers, hidden) so each invocation stays short; "batchL<l>" runs all hidden sizes.
+BATCHES = (16, 32, 64, 128, 256)
+for _l in (1, 2):
+    for _h in (128, 256, 512, 1024):
+        WORKLOADS[f"batchL{_l}H{_h}"] = [dict(vocab=57, hidden=_h, layers=_l, batch=_b, seq=64,
+                                              objective="sequence") for _b in BATCHES]
+    WORKLOADS[f"batchL{_l}"] = [w for _h in (128, 256, 512, 1024)
+                                for w in WORKLOADS[f"batchL{_l}H{_h}"]]
 
 # name -> worker settings (backward, malloc, devices, dtype) or torch settings
 VARIANTS = {
@@ -275,7 +291,11 @@ def start_child(name: str, wl: dict, args, gemm_peak: bool) -> Child:
     if var["dtype"] == "bfloat16" and args.bf16_isa:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_max_isa={args.bf16_isa}").strip()
     env.pop("LSTM_JAX_NO_MALLOC_TUNING", None)
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # "root": a copy of the repository whose lstm_jax the worker imports (A/B of a code change in
+    # the same interleaved run; the worker puts its own root first on sys.path).
+    script = pathlib.Path(var["root"]) / "benchmarks" / "bench_train.py" if var.get("root") else \
+        pathlib.Path(__file__).resolve()
+    cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
     return Child(name, cmd, env, args.timeout)
 
 
@@ -338,12 +358,14 @@ def summarize(rows: list[dict], peak: float | None) -> dict:
         key = _wl_key(r["workload"])
         metric = "samples_per_s" if r["workload"]["objective"] == "window" else "target_chars_per_s"
         t = table.setdefault(key, {"metric": metric, "values": {}, "best": {}, "gflops": {},
-                                   "mfu": {}, "compile_s": {}})
+                                   "mfu": {}, "compile_s": {}, "peak_rss_mb": {}})
         t["values"][r["variant"]] = r[metric]
         t["best"][r["variant"]] = r[metric] * r["step_s"] / r["step_s_min"]
         if "compile_s" in r:
             t["compile_s"][r["variant"]] = sum(r["compile_s"].values())
         t["gflops"][r["variant"]] = r["gflops"]
+        if r.get("peak_rss_mb"):
+            t["peak_rss_mb"][r["variant"]] = r["peak_rss_mb"]
         if peak:
             t["mfu"][r["variant"]] = r["gflops"] / peak
     for t in table.values():
@@ -363,6 +385,8 @@ def print_table(table: dict) -> None:
                 if f"ratio_vs_{base}" in t:
                     extra += f"  x{t[f'ratio_vs_{base}'][var]:.2f} vs {base}"
             mfu = f"  MFU {t['mfu'][var]:.0%}" if var in t["mfu"] else ""
+            rss = t.get("peak_rss_mb", {}).get(var)
+            extra += f"  peak RSS {rss:,.0f} MiB" if rss else ""
             print(f"  {var:<20s} {val:12,.0f}   {t['gflops'][var]:6.1f} GFLOP/s{mfu}{extra}")
 
 
@@ -520,7 +544,7 @@ def main(argv=None) -> int:
         if wname.startswith("grid"):
             plot_grid([r for k, v in runs.items() if k.startswith("grid") for r in v["rows"]],
                       out.parent / "train_cpu_grid.png", peak_val)
-        else:
+        elif table:
             plot(table, out.parent / f"train_cpu_{wname}{'_' + args.tag if args.tag else ''}.png",
                  f"{wname}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
                  f"{record['host']['cpu_count']} cores (median of {args.repeats} interleaved repeats)")

@@ -32,6 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, default=1, help="CPU devices (one per core: 2)")
     ap.add_argument("--objective", default="window", choices=["window", "sequence"])
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=None, help="default: the seed's 128")
+    ap.add_argument("--seq", type=int, default=None, help="default: the seed's 60")
+    ap.add_argument("--vocab", type=int, default=57)
     ap.add_argument("--steps", type=int, default=20, help="traced steps")
     ap.add_argument("--top", type=int, default=25, help="ops listed by name")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
@@ -47,11 +52,14 @@ def main() -> None:
 
     config = load_config_file(str(ROOT / "configs" / "nietzsche_keras.py"))
     config.objective = args.objective
+    config.model.hidden_size, config.model.num_layers = args.hidden, args.layers
+    config.batch_size = args.batch or config.batch_size
+    config.seq_len = args.seq or config.seq_len
     mesh = parallel.make_mesh()
     tx = train.make_optimizer(config, 1000)
-    graphdef, state = train.init_state(config, train.model_config(config, 57), tx, mesh)
+    graphdef, state = train.init_state(config, train.model_config(config, args.vocab), tx, mesh)
     step = train.make_train_step(graphdef, tx, config)
-    rows = np.random.default_rng(0).integers(0, 57, (config.batch_size, config.seq_len + 1))
+    rows = np.random.default_rng(0).integers(0, args.vocab, (config.batch_size, config.seq_len + 1))
     batch, key = parallel.to_global(rows.astype(np.int32), mesh), jax.random.key(0)
     hlo = step.lower(state, batch, key).compile().as_text()
     for _ in range(10):
@@ -87,18 +95,22 @@ def main() -> None:
     result = {
         "benchmark": "profile_step", "command": " ".join(sys.argv),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": {"hidden": 128, "vocab": 57, "batch": config.batch_size, "seq": config.seq_len,
-                  "objective": args.objective},
+        "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
+                  "batch": config.batch_size, "seq": config.seq_len, "objective": args.objective},
         "devices": jax.device_count(), "step_ms_untraced": round(step_ms, 2),
         "samples_per_s_untraced": round(config.batch_size / step_ms * 1e3),
         "note": "ms per step summed over devices (2 devices on 2 cores run concurrently)",
         "groups_ms_per_step": {g: round(v, 2) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+        # Wall time no XLA op covers (thunk dispatch, loop control, waiting for the host): the
+        # untraced step time on every device minus the summed op time.
+        "uncovered_ms_per_step": round(step_ms * jax.device_count() - sum(groups.values()), 2),
         "ops": ops[:args.top],
     }
     print(f"{jax.device_count()} device(s): {step_ms:.2f} ms/step untraced "
           f"({result['samples_per_s_untraced']} samples/s)")
     for g, v in result["groups_ms_per_step"].items():
         print(f"  {v:8.2f} ms  {g}")
+    print(f"  {result['uncovered_ms_per_step']:8.2f} ms  not inside any op (dispatch, loop control)")
     for op in result["ops"]:
         print(f"    {op['ms_per_step']:8.3f} ms {op['calls_per_step']:6.1f}x  {op['op']}  [{op['group']}]")
     if args.out:

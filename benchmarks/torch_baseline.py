@@ -1,6 +1,7 @@
 """PyTorch CPU baseline: the same character LSTM trained the way a PyTorch user would write it.
 
-Model: one-hot input (B, T, V) -> nn.LSTM(V, H, num_layers, batch_first=True) -> nn.Linear(H, V);
+Model: one-hot input (B, T, V) -> nn.LSTM(V, H, num_layers, batch_first=True) -> nn.Linear(H, V),
+or with workload["torch_input"] = "embedding" nn.Embedding(V, H) -> nn.LSTM(H, H, ...) (large V);
 RMSprop(lr=0.01, alpha=0.9, eps=1e-7) (Keras's RMSprop defaults, as the seed). Objectives:
   window:   logits of the last position only, cross-entropy against the next char (samples/s)
   sequence: logits at every position, cross-entropy against every next char (target chars/s)
@@ -50,15 +51,20 @@ def build(wl: dict, threads: int | None = None):
     torch.manual_seed(0)
     V, H, L, B, T = wl["vocab"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"]
     window = wl["objective"] == "window"
+    embedding = wl.get("torch_input", "onehot") == "embedding"
 
     class CharLSTM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(V, H, num_layers=L, batch_first=True)
+            # embedding input: nn.Embedding(V, H) -> nn.LSTM(H, H), what a PyTorch user writes
+            # for a large vocabulary (one more (V, H) table than lstm_jax's gather of W_ih).
+            self.embed = nn.Embedding(V, H) if embedding else None
+            self.lstm = nn.LSTM(H if embedding else V, H, num_layers=L, batch_first=True)
             self.fc = nn.Linear(H, V)
 
-        def forward(self, x_onehot):
-            out, _ = self.lstm(x_onehot)
+        def forward(self, x):
+            x = self.embed(x) if embedding else F.one_hot(x, V).float()
+            out, _ = self.lstm(x)
             return self.fc(out[:, -1] if window else out)
 
     model = CharLSTM()
@@ -73,7 +79,7 @@ def build(wl: dict, threads: int | None = None):
     def step(k):
         x, y = batches[k % len(batches)]
         opt.zero_grad(set_to_none=True)
-        logits = model(F.one_hot(x, V).float())
+        logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
         loss.backward()
         opt.step()
@@ -82,6 +88,12 @@ def build(wl: dict, threads: int | None = None):
     info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     return step, info
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss), MiB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def warm_up(step, min_time: float, sync=lambda out: None) -> tuple[float, int]:
@@ -113,8 +125,8 @@ def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout) -> None:
             sync(out)
             print(json.dumps({"t": (time.perf_counter() - t0) / n}), file=stdout, flush=True)
         elif cmd["op"] == "finish":
-            print(json.dumps({"finished": True, "loss": float(sync(out)) if k else None}),
-                  file=stdout, flush=True)
+            print(json.dumps({"finished": True, "loss": float(sync(out)) if k else None,
+                              "peak_rss_mb": peak_rss_mb()}), file=stdout, flush=True)
             return
 
 

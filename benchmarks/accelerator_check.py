@@ -549,7 +549,10 @@ def training(s: Settings, budget: Budget, peak) -> dict:
                 del step, sync
                 _torch_release()
         except Exception as e:
-            rows.append(dict(row, error=_error(e)))
+            if isinstance(e, ImportError) and variant in TORCH_VARIANTS:   # the [bench] extra
+                rows.append(dict(row, skipped=f"{e} (pip install '.[bench]')"))
+            else:
+                rows.append(dict(row, error=_error(e)))
             continue
         est = min(max(est, timing["wall_s"]), 60.0)
         flops = train_flops(wl["objective"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"],

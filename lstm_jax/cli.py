@@ -169,7 +169,8 @@ def sample(argv: Sequence[str]) -> int:
     flags.DEFINE_string("prime_file", None, "file with one prime per line, cycled over rows", flag_values=fv)
     flags.DEFINE_bool("drop_unknown", False, "drop prime chars outside the vocabulary instead of failing", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "row i's text depends only on (seed, i, its prime/temperature)", flag_values=fv)
-    flags.DEFINE_integer("chunk_size", 4096, "rows per compiled call; bounds memory", flag_values=fv)
+    flags.DEFINE_integer("chunk_size", 1024, "rows per compiled call; bounds memory", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a progress bar (several chunks only)", flag_values=fv)
     flags.DEFINE_string("out", None, "JSONL output ({index, temperature, prime, text}); stdout text if absent", flag_values=fv)
     flags.DEFINE_string("context", "state", "state (O(1) per char) | window (the seed's rolling window)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
@@ -193,12 +194,16 @@ def sample(argv: Sequence[str]) -> int:
         prime = fv["prime"].value or None
     debug = fv["debug"].value
     model, vocab, config = _friendly(lambda: loop.restore_model(fv["workdir"].value, fv["step"].value), debug)
-    _friendly(lambda: sample_lib.write_samples(
-        model, vocab, fv["out"].value, num_samples=fv["num_samples"].value,
-        length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
-        top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
-        chunk_size=fv["chunk_size"].value, unknown="drop" if fv["drop_unknown"].value else "error",
-        context=fv["context"].value, window=config.seq_len), debug)
+    try:
+        _friendly(lambda: sample_lib.write_samples(
+            model, vocab, fv["out"].value, num_samples=fv["num_samples"].value,
+            length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
+            top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
+            chunk_size=fv["chunk_size"].value, unknown="drop" if fv["drop_unknown"].value else "error",
+            context=fv["context"].value, window=config.seq_len, progress=fv["progress"].value), debug)
+    except sample_lib.SamplingInterrupted as e:   # SIGINT/SIGTERM: the finished rows are kept
+        print(f"lstm-jax: {e}", file=sys.stderr)
+        return 130 if e.signal_name == "SIGINT" else 143
     return 0
 
 

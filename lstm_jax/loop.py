@@ -673,8 +673,11 @@ class _SampleWriter:
             prime = vocab.decode(windows[row, :c.eval_window])
         temps = list(c.sample.temperatures)
         model = nnx.merge(self.graphdef, jax.device_get(params))
-        out = sample.generate(model, vocab, num_samples=len(temps), length=c.sample.length,
-                              temperature=temps, prime=prime or None, seed=c.seed + step)
+        try:
+            out = sample.generate(model, vocab, num_samples=len(temps), length=c.sample.length,
+                                  temperature=temps, prime=prime or None, seed=c.seed + step)
+        except sample.SamplingInterrupted:
+            return   # the signal reached _StopRequests too: the loop stops and saves next step
         if not _is_main():
             return
         lines = [f"----- step {step} (epoch {step / self.plan.steps_per_epoch:.2f}), prime: {prime!r}"]

@@ -32,8 +32,12 @@ def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys):
     assert [r["temperature"] for r in rows] == [0.0, 1.0] * 3
     assert all(r["prime"] == "the quick" and len(r["text"]) == 25 for r in rows)
     assert rows[0]["text"] == rows[2]["text"], "greedy rows with the same prime must agree"
-    assert run_cli("sample", "--workdir", workdir, "--num_samples=2", "--length=10") == 0
-    assert len(capsys.readouterr().out.strip()) > 0
+    assert run_cli("sample", "--workdir", workdir, "--num_samples=2", "--length=10",
+                   "--temperature=0", "--prime=the ") == 0
+    # stdout: a header per sample, then prime + text; greedy rows with one prime are equal
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "----- sample 0, temperature 0" and out[2] == "----- sample 1, temperature 0"
+    assert out[1] == out[3] and out[1].startswith("the ") and len(out[1]) == len("the ") + 10
 
 
 def expect_exit(match, *args):
@@ -258,3 +262,51 @@ def test_eval_reports_whole_text_bpc_and_names_or_counts_unknown_chars(tmp_path,
     records = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
     assert [r["chars"] for r in records] == [899, len(content) - 2 - 1] and records[1]["dropped_unknown"] == 2
     assert records[0]["text_bpc"] == pytest.approx(records[0]["text_loss"] / math.log(2))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("c"), "the quick brown fox jumps over the lazy dog. " * 400)
+    workdir = tmp_path_factory.mktemp("w") / "run"
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={corpus}",
+                   "--config.max_steps=5", "--noprogress") == 0
+    return workdir
+
+
+@pytest.mark.parametrize("bad,match", [("--top_p=1.5", "top_p must be in"),
+                                       ("--prime=ZZZ", "outside the vocabulary")])
+def test_sample_with_a_bad_argument_leaves_an_existing_out_untouched(tmp_path, trained, bad, match):
+    """`lstm-jax sample --out keep.jsonl` with a bad argument used to truncate keep.jsonl to 0
+    bytes (the file was opened before the arguments were checked)."""
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"index": 0, "text": "keep me"}\n' * 1000)
+    before = keep.read_bytes()
+    expect_exit(match, "sample", "--workdir", str(trained), bad, f"--out={keep}")
+    assert keep.read_bytes() == before and os.listdir(tmp_path) == ["keep.jsonl"]
+
+
+def test_sigint_during_sample_stops_with_one_line_and_keeps_valid_rows(tmp_path, trained):
+    """A long `lstm-jax sample` interrupted by SIGINT stops within seconds (exit 130), says so in
+    one line, and --out holds valid JSONL of the rows finished. Fails if the interrupt waits for
+    the whole generation, prints a traceback, or leaves a cut-off line."""
+    import signal
+    import time
+    out = tmp_path / "s.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_jax.cli", "sample", "--workdir", str(trained),
+                             "--num_samples=8192", "--length=2000", "--chunk_size=64", "--noprogress",
+                             f"--out={out}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".s.jsonl.*.tmp")) or not any(
+            p.stat().st_size for p in tmp_path.glob(".s.jsonl.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - sent < 10, err
+    lines = [l for l in err.strip().splitlines() if "Warning" not in l and l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 0 < len(rows) < 8192 and all(len(r["text"]) == 2000 for r in rows)
+    assert [r["index"] for r in rows] == list(range(len(rows)))

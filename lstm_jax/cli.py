@@ -101,7 +101,7 @@ def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
     return f"{e}\n  (lstm-jax COMMAND --help lists every flag)"
 
 
-def _host_setup(config) -> "hostenv.HostPlan":
+def _host_setup(config, vocab_size: int = 0) -> "hostenv.HostPlan":
     """Host settings (CPU runs only: allocator, CPU device count, XLA:CPU pool) and multi-host
     start-up; must run before JAX computes anything."""
     batch = (config.per_device_batch_size * hostenv.cpu_count() if config.per_device_batch_size
@@ -109,7 +109,8 @@ def _host_setup(config) -> "hostenv.HostPlan":
     try:
         plan = hostenv.setup_host(hidden_size=config.model.hidden_size, batch_size=batch,
                                   cpu_devices=config.parallel.cpu_devices,
-                                  tune_allocator=config.parallel.tune_allocator)
+                                  tune_allocator=config.parallel.tune_allocator,
+                                  vocab_size=vocab_size)
     except ValueError as e:   # hostenv.UnsafeHostSetting: a PJRT_NPROC XLA:CPU would abort with
         raise SystemExit(f"lstm-jax train: {e}")
     if config.parallel.distributed:
@@ -138,7 +139,9 @@ def train(argv: Sequence[str]) -> int:
         config_lib.validate(config)
     except ValueError as e:
         raise SystemExit(f"lstm-jax train: {e}")
-    host = _host_setup(config)
+    from lstm_jax import train as train_lib   # imports JAX, computes nothing
+    corpus = _friendly(lambda: train_lib.load_corpus(config), fv["debug"].value)
+    host = _host_setup(config, vocab_size=len(corpus.vocab))
     import jax
     from lstm_jax import loop
     if jax.process_index() == 0:
@@ -147,7 +150,7 @@ def train(argv: Sequence[str]) -> int:
             print(note)
     result = _friendly(lambda: loop.train_and_evaluate(
         config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value,
-        step=fv["step"].value), fv["debug"].value)
+        step=fv["step"].value, corpus=corpus), fv["debug"].value)
     if result.preempted:
         return 130 if result.preempted_by == "SIGINT" else 143
     m = result.metrics
@@ -172,7 +175,7 @@ def sample(argv: Sequence[str]) -> int:
     flags.DEFINE_integer("chunk_size", 1024, "rows per compiled call; bounds memory", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar (several chunks only)", flag_values=fv)
     flags.DEFINE_string("out", None, "JSONL output ({index, temperature, prime, text}); stdout text if absent", flag_values=fv)
-    flags.DEFINE_string("context", "state", "state (O(1) per char) | window (the seed's rolling window)", flag_values=fv)
+    flags.DEFINE_string("context", "state", "state (O(1) per char) | window (the Keras reference's rolling window)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     _define_common(fv)

@@ -35,14 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # --- data -----------------------------------------------------------------------------------
     c.corpus = "builtin"           # builtin | nietzsche | PATH or GLOB | tfds:NAME[:split] | prepared:DIR
-    c.lowercase = False            # the seed lowercases its corpus
+    c.lowercase = False            # the Keras reference lowercases its corpus
     c.encoding_errors = "strict"   # how undecodable bytes are handled: strict | replace | ignore
     c.vocab = "chars"              # chars (sorted distinct characters) | bytes (UTF-8 bytes, V = 256)
     c.val_fraction = 0.05          # held-out tail of the corpus used for validation
     c.objective = "sequence"       # window (Keras: loss on the char after each window) | sequence
                                    # (every position, zero state per row) | stream (every position,
                                    # B contiguous streams, the LSTM state carried between steps)
-    c.seq_len = 64                 # window length (seed: 60) or chunk length T for `sequence`
+    c.seq_len = 64                 # window length (Keras reference: 60) or chunk length T for `sequence`
     c.window_step = 3              # window objective: a window starts every `window_step` chars
     c.batch_size = 32              # global batch (all devices, all processes)
     c.per_device_batch_size = 0    # if > 0, overrides batch_size = this x device count
@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0     # adamw: decoupled decay; rmsprop/adam: L2 added to the gradient
     c.optimizer.decay = 0.9            # RMSprop rho
     c.optimizer.eps = 1e-7             # Keras epsilon, inside the sqrt
-    c.optimizer.clip_norm = 5.0        # global-norm gradient clipping; 0 disables (seed: none)
+    c.optimizer.clip_norm = 5.0        # global-norm gradient clipping; 0 disables (Keras reference: none)
     c.optimizer.schedule = "cosine"    # constant | cosine (decays to lr * final_lr_fraction)
     c.optimizer.warmup_steps = 0       # linear warm-up steps
     c.optimizer.final_lr_fraction = 0.1
@@ -77,14 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 50                   # steps between metrics.jsonl training events
     c.eval_every = 0                   # steps between evaluations; 0 = at the end of each epoch
     c.eval_window = 60                 # held-out windows of this length give val_last_loss
-    c.eval_stride = 3                  # ... one starting every eval_stride chars (seed: 3)
+    c.eval_stride = 3                  # ... one starting every eval_stride chars (Keras reference: 3)
     c.eval_max_windows = 2048          # cap on held-out windows per evaluation (evenly spaced)
     c.eval_text = True                 # also val_text_bpc: the whole held-out text, state carried
     c.sample = ml_collections.ConfigDict()
-    c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the seed's four
+    c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the Keras reference's four
     c.sample.length = 400              # chars per sample
     c.sample.every_epochs = 4          # sample after every N epochs (and at the end); 0 = only at end
-    c.sample.prime = ""                # empty: a random held-out window, as the seed does
+    c.sample.prime = ""                # empty: a random held-out window, as the Keras reference does
     # --- checkpoints ----------------------------------------------------------------------------
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # save every N steps (and at each epoch end and the end)
@@ -96,8 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "mesh"           # mesh (jit over a ('data',) mesh) | pmap
     c.parallel.num_devices = 0         # devices in the mesh; 0 = all devices of all processes
-    c.parallel.cpu_devices = 0         # CPU hosts: 0 = auto (one per core for hidden <= 192, else
-                                       # one; hostenv.recommended_cpu_devices); -1 = one per core; n
+    c.parallel.cpu_devices = 0         # CPU hosts: 0 = auto (one per core for hidden <= 384 and
+                                       # V <= 1024, else one; hostenv.recommended_cpu_devices);
+                                       # -1 = one per core; n
     c.parallel.tune_allocator = True   # glibc malloc settings that stop XLA re-mapping temporaries
     c.parallel.distributed = False     # call jax.distributed.initialize (multi-host)
     c.parallel.coordinator_address = ""  # host:port of process 0 ('' = auto-detect, TPU/SLURM)

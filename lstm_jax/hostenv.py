@@ -10,32 +10,28 @@ The knobs, each applied to *this* process only, none of which initialises JAX:
 
 * glibc `mallopt` (`tune_cpu_allocator`): XLA's CPU runtime frees and re-allocates its big
   temporaries (MBs) every step; with glibc's defaults they are fresh `mmap`s (page faults, `munmap`)
-  or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm. Seed model
-  (H=128, B=128, T=60, window objective), one CPU device, same run: 1,735 -> 2,463 samples/s
-  (+42%). With one device per core the per-device buffers are half as big and it made no difference
-  (3,092 untuned vs 3,021 tuned, within noise). Only the pair matters: M_MMAP_MAX=0 alone (2,098) or
-  M_TRIM_THRESHOLD alone (2,132) were *slower* than neither (3,087) on 2 devices; M_ARENA_MAX=1 was
-  neutral (1 device: 2,448 without it vs 2,462 with it). `allocator_env()` gives the same settings
-  as MALLOC_* environment variables for a child process (e.g. a PyTorch baseline).
+  or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm. Only the
+  pair helps (either setting alone was slower than neither); with one device per core the
+  per-device buffers are small enough that it makes no difference. `allocator_env()` gives the
+  same settings as MALLOC_* environment variables for a child process (e.g. a PyTorch baseline).
 * CPU device count (`jax_num_cpu_devices`): one device per core lets a data-parallel step (batch
-  split over a 'data' mesh) use every core. Pays off for small hidden sizes only
-  (`recommended_cpu_devices`): seed model, malloc tuned, 2 cores: 3,113 -> 3,837 samples/s.
+  split over a 'data' mesh) use every core. Pays off where one device's per-timestep matmuls are
+  too small to use several cores (`recommended_cpu_devices`).
 * XLA:CPU thread pool (`PJRT_NPROC`), sized from the *effective* CPU device count, whatever set it
   (`--xla_force_host_platform_device_count` in XLA_FLAGS, `jax_num_cpu_devices` /
   JAX_NUM_CPU_DEVICES, or the rule above): with several devices, at least 2 threads per device
   (`MIN_POOL_THREADS_PER_DEVICE`). XLA:CPU runs every device's programs, collectives included, on
   one shared pool; a device waiting in the in-process all-reduce holds a thread, and so does the
-  dispatch of the next step. With fewer threads the train step aborts within seconds to a minute
-  ("Termination timeout for all reduce ... Expected 8 threads to join the rendezvous, but only 7 of
-  them arrived"). 8 forced devices on 2 cores, small model, two `yes` processes loading the cores:
-  pools of 8 (XLA's default, max(cores, devices)), 9, 12 and 15 threads all aborted within 20 s;
-  16 ran 6,000 steps (twice) and the default model 5,000 steps (tests/test_hostenv.py soak test).
-  An explicit PJRT_NPROC below that bound is refused (`UnsafeHostSetting`).
+  dispatch of the next step. With fewer threads the train step aborts under load ("Termination
+  timeout for all reduce ... Expected 8 threads to join the rendezvous, but only 7 of them
+  arrived"): 8 forced devices on 2 busy cores aborted with pools of 8 to 15 threads and ran with
+  16 (tests/test_hostenv.py soaks it). An explicit PJRT_NPROC below that bound is refused
+  (`UnsafeHostSetting`).
 * `--xla_cpu_multi_thread_eigen=false` with several devices: each device's matmuls run on its own
   thread (less oversubscription); this flag alone does not stop the all-reduce abort.
 * `cpu_xla_flags(max_isa=...)`: optional, e.g. `--xla_cpu_max_isa=AVX512_BF16` where the CPU exposes
-  native bf16 dot instructions (`cpu_has_native_bf16()`); on this project's VM (AVX2 only) bf16
-  matmuls are emulated and slower (seed model on 2 devices: 2,302 vs 3,008 samples/s f32).
+  native bf16 dot instructions (`cpu_has_native_bf16()`); on AVX2-only hosts bf16 matmuls are
+  emulated and slower than float32.
 
 Start-up order in a CLI (before anything touches JAX arrays):
 
@@ -44,8 +40,7 @@ Start-up order in a CLI (before anything touches JAX arrays):
     print(plan.summary())
     ...                                   # then build mesh, model, train
 
-Numbers: benchmarks/bench_train.py, benchmarks/results/train_cpu.json (2-core VM shared with other
-jobs; medians of interleaved repeats).
+Measurements behind each choice: benchmarks/README.md and benchmarks/results/train_cpu.json.
 """
 from __future__ import annotations
 
@@ -286,12 +281,14 @@ def forced_cpu_device_count(xla_flags: str) -> Optional[int]:
 
 def plan_host(*, platform: str, hidden_size: int, batch_size: int, cpu_devices: int = 0,
               tune_allocator: bool = True, env: Mapping[str, str] = {}, cores: int = 1,
-              jax_num_cpu_devices: int = -1, single_threaded_devices: bool = True) -> HostPlan:
+              jax_num_cpu_devices: int = -1, single_threaded_devices: bool = True,
+              vocab_size: int = 0) -> HostPlan:
     """Decides the host settings for one run; pure (reads only its arguments).
 
     platform: JAX's default backend for the run ('cpu', 'gpu', 'tpu', ...). Off the CPU nothing is
       planned: allocator, device count and pool are CPU-only.
-    hidden_size, batch_size: the model width and the (micro-)batch per step, for the auto rule.
+    hidden_size, batch_size, vocab_size: the model width, the (micro-)batch per step and the
+      vocabulary size (0 = unknown), for the auto rule.
     cpu_devices: `parallel.cpu_devices`: 0 = auto (`recommended_cpu_devices`), -1 = one per core,
       n > 0 = n. An explicit count in the environment wins over it: `jax_num_cpu_devices` >= 1
       (JAX uses it over the XLA flag), then `--xla_force_host_platform_device_count` in
@@ -318,8 +315,9 @@ def plan_host(*, platform: str, hidden_size: int, batch_size: int, cpu_devices: 
     elif cpu_devices == -1:
         n, source = max(cores, 1), "one per core"
     else:
-        n = recommended_cpu_devices(hidden_size, batch_size, cores=cores)
-        source = f"auto: hidden {hidden_size}, batch {batch_size}, {cores} cores"
+        n = recommended_cpu_devices(hidden_size, batch_size, cores=cores, vocab_size=vocab_size)
+        source = (f"auto: hidden {hidden_size}, batch {batch_size}"
+                  + (f", vocab {vocab_size}" if vocab_size else "") + f", {cores} cores")
     if source in ("jax_num_cpu_devices", "XLA_FLAGS") and cpu_devices > 0 and cpu_devices != n:
         notes.append(f"parallel.cpu_devices={cpu_devices} ignored: {source} sets {n}")
     if source not in ("jax_num_cpu_devices", "XLA_FLAGS"):
@@ -402,7 +400,8 @@ def apply_plan(plan: HostPlan) -> bool:
 
 
 def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
-               tune_allocator: bool = True, platform: Optional[str] = None) -> HostPlan:
+               tune_allocator: bool = True, platform: Optional[str] = None,
+               vocab_size: int = 0) -> HostPlan:
     """Decides and applies the host settings for one run; returns the plan (print `summary()`).
 
     The CLI's one call, before JAX initialises its backends. `platform` defaults to
@@ -412,7 +411,7 @@ def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
     plan = plan_host(platform=platform or guess_platform(), hidden_size=hidden_size,
                      batch_size=batch_size, cpu_devices=cpu_devices, tune_allocator=tune_allocator,
                      env=dict(os.environ), cores=cpu_count(),
-                     jax_num_cpu_devices=_jax_num_cpu_devices())
+                     jax_num_cpu_devices=_jax_num_cpu_devices(), vocab_size=vocab_size)
     apply_plan(plan)
     return plan
 
@@ -442,23 +441,27 @@ def configure_cpu_devices(n: Optional[int] = None, *,
     return plan.num_cpu_devices
 
 
-# Largest hidden size for which one CPU device per core beat one multi-threaded device in the
-# size grid (benchmarks/results/train_cpu.json, "grid1": sequence objective, B=64, T=50, 2 cores):
-# H=128: 2 devices 1.27x one device; H=256: 0.96x; H=512: 0.84x; H=1024: 0.58x.
-PER_CORE_DEVICES_MAX_HIDDEN = 192
+# Bounds of the auto rule, from the batch grid on 2 cores (benchmarks/README.md, "Training speed"):
+# one device per core won at hidden 128 and 256 for every batch size measured, one device from
+# hidden 512 on; and one device won at large vocabularies, where the head's (B*T, H) x (H, V)
+# GEMM dominates the step and is big enough for all cores.
+PER_CORE_DEVICES_MAX_HIDDEN = 384
+PER_CORE_DEVICES_MAX_VOCAB = 1024
 
 
 def recommended_cpu_devices(hidden_size: int, batch_size: int = 128,
-                            cores: Optional[int] = None) -> int:
+                            cores: Optional[int] = None, vocab_size: int = 0) -> int:
     """How many CPU devices suit this model on a host with `cores` cores (default: this one).
 
     One per core for small LSTMs, whose per-step matmuls are too small to use several cores from
     one device; one (multi-threaded) device for large ones, whose GEMMs already use every core and
-    which lose more to the smaller per-device batch than they gain. Also one device when the batch
+    which lose more to the smaller per-device batch than they gain, and for large vocabularies
+    (`vocab_size`, 0 = unknown), whose softmax head is such a GEMM. Also one device when the batch
     does not split evenly over the cores (the data-parallel step needs it to).
     """
     cores = cpu_count() if cores is None else cores
-    if cores < 2 or hidden_size > PER_CORE_DEVICES_MAX_HIDDEN or batch_size % cores:
+    if (cores < 2 or hidden_size > PER_CORE_DEVICES_MAX_HIDDEN or batch_size % cores
+            or vocab_size > PER_CORE_DEVICES_MAX_VOCAB):
         return 1
     return cores
 

@@ -73,8 +73,9 @@ class Plan:
                 "global_batch": self.batch, "corpus_fingerprint": self.corpus.fingerprint}
 
 
-def plan_run(config: ml_collections.ConfigDict) -> Plan:
-    corpus = train_lib.load_corpus(config)
+def plan_run(config: ml_collections.ConfigDict,
+             corpus: Optional[train_lib.Corpus] = None) -> Plan:
+    corpus = corpus if corpus is not None else train_lib.load_corpus(config)
     n_dev = config.parallel.num_devices
     mesh = parallel.make_mesh(parallel.first_devices(n_dev) if n_dev else None)
     batch = train_lib.global_batch_size(config, mesh)
@@ -93,13 +94,16 @@ def plan_run(config: ml_collections.ConfigDict) -> Plan:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        new_run: bool = False, progress: bool = True,
-                       step: Optional[int] = None) -> TrainResult:
+                       step: Optional[int] = None,
+                       corpus: Optional[train_lib.Corpus] = None) -> TrainResult:
     """Trains, resuming from the workdir's newest readable checkpoint (or `step`), and returns the
     model. Config and data errors are raised before the workdir is touched; a workdir held by
     another trainer or holding a run with other settings raises workdir.WorkdirError; a
-    diverging run raises TrainingError with the last good checkpoint kept as the latest."""
+    diverging run raises TrainingError with the last good checkpoint kept as the latest.
+    `corpus`: `train.load_corpus(config)` if already loaded (the CLI loads it before JAX starts,
+    so the CPU device rule can see the vocabulary size)."""
     config_lib.validate(config)
-    plan = plan_run(config)
+    plan = plan_run(config, corpus)
     workdir = pathlib.Path(workdir)
     with _claimed(workdir, new_run):
         checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,

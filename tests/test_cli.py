@@ -1,5 +1,6 @@
 """End to end through `lstm-jax`: train then sample on a tiny config, and every bad input."""
 import json
+import pathlib
 import math
 import os
 import re
@@ -18,12 +19,18 @@ def run_cli(*args):
     return cli.main(["lstm-jax", *args])
 
 
-def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys):
+def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys, monkeypatch):
+    from lstm_jax import hostenv
+    seen = {}
+    real_setup = hostenv.setup_host
+    monkeypatch.setattr(hostenv, "setup_host", lambda **kw: seen.update(kw) or real_setup(**kw))
     workdir = str(tmp_path / "run")
     assert run_cli("train", *TINY, "--workdir", workdir, f"--config.corpus={repetitive_corpus}",
                    "--noprogress") == 0
     out = capsys.readouterr().out
     assert "temperature 1.2" in out and "done: step 30" in out
+    # the CPU device rule saw the vocabulary (fails if the CLI sets up the host without it)
+    assert seen["vocab_size"] == len(set(pathlib.Path(repetitive_corpus).read_text())), seen
     jsonl = tmp_path / "s.jsonl"
     assert run_cli("sample", "--workdir", workdir, "--num_samples=6", "--length=25",
                    "--temperature=0,1.0", "--prime=the quick", f"--out={jsonl}") == 0

@@ -82,6 +82,21 @@ def test_explicit_counts_take_precedence_as_jax_applies_them():
     assert plan.cpu_devices == 8 and "parallel.cpu_devices=2 ignored" in plan.summary()
 
 
+@pytest.mark.parametrize("hidden, batch, vocab, expected", [
+    (128, 128, 57, 2),      # the Keras reference model: one device per core
+    (256, 32, 103, 2),      # the default config's shape
+    (512, 32, 57, 1),       # big GEMMs already use every core
+    (256, 32, 10_000, 1),   # a large vocabulary: the head's GEMM dominates
+    (256, 31, 57, 1),       # the batch does not split over 2 cores
+])
+def test_the_auto_device_rule_follows_the_measured_grid(hidden, batch, vocab, expected):
+    """Fails if a bound of the rule moves off what the batch grid measured (benchmarks/README.md)
+    or the vocabulary is ignored."""
+    assert hostenv.recommended_cpu_devices(hidden, batch, cores=2, vocab_size=vocab) == expected
+    plan = _plan(hidden_size=hidden, batch_size=batch, vocab_size=vocab)
+    assert plan.cpu_devices == expected and f"vocab {vocab}" in plan.summary()
+
+
 def test_one_device_gets_no_pool_or_flags_and_big_models_get_one_device():
     plan = _plan(hidden_size=512)
     assert (plan.cpu_devices, plan.pool_threads, plan.xla_flags) == (1, None, ())

@@ -21,13 +21,13 @@ Variants (cumulative, as in the performance issue):
 `--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags, or
 "root": a copy of the repository to import lstm_jax from, for A/B runs of a code change).
 
-Workloads (`--workloads`): window (seed: H=128, B=128, T=60, loss on the last char; samples/s),
+Workloads (`--workloads`): window (Keras reference: H=128, B=128, T=60, loss on the last char; samples/s),
 sequence (same model, loss at every position; target chars/s), large (H=512, B=64, T=100,
 sequence objective), grid1/grid2/grid3 (1/2/3 layers x hidden 128-1024, B=64, T=50, sequence
 objective; "grid" = all three).
 
 The step is the project's own (lstm_jax.train.make_train_step: jitted, state donated, RMSprop;
-clipping off and constant lr, as the seed and the PyTorch baseline). Reported per variant: the
+clipping off and constant lr, as the Keras reference and the PyTorch baseline). Reported per variant: the
 median (and best) of `--repeats` interleaved repeats of ~`--min-time` s each, after compile and
 warm-up, ending in block_until_ready; model GFLOP/s (matmul FLOPs, backward = 2x forward) and the
 fraction of a large-GEMM peak measured in the same run (MFU); compile time (trace + lower + XLA
@@ -37,8 +37,13 @@ compile, from jax.monitoring) and the number of compilations after warm-up (must
     python benchmarks/bench_train.py --workloads window --variants custom,devices,torch
     python benchmarks/bench_train.py --workloads grid1 --variants malloc,devices,torch
 
-Writes benchmarks/results/train_cpu.json (runs merged per workload name unless --fresh) and
-train_cpu_<workload>.png / train_cpu_grid.png next to it.
+    # the batch grid of benchmarks/README.md (B 16-256 x hidden 128-1024 x 1-2 layers, ~35 min):
+    python benchmarks/bench_train.py --workloads batchL1,batchL2,default,bigv \
+        --variants malloc,devices,torch --repeats 3 --min-time 0.8 --no-gemm-peak
+    python benchmarks/bench_train.py --replot          # the table and train_cpu_batch.png
+
+Writes benchmarks/results/train_cpu.json (runs merged per workload name unless --fresh), the
+batch grid's chart train_cpu_batch.png, and a chart per other workload run (train_cpu_<name>.png).
 """
 from __future__ import annotations
 
@@ -77,6 +82,9 @@ WORKLOADS["grid"] = WORKLOADS["grid1"] + WORKLOADS["grid2"] + WORKLOADS["grid3"]
 WORKLOADS["default"] = [dict(vocab=103, hidden=256, layers=1, batch=32, seq=64, objective="sequence")]
 WORKLOADS["bigv"] = [dict(vocab=10_000, hidden=256, layers=1, batch=32, seq=64,
                           objective="sequence", torch_input="embedding")]
+WORKLOADS["bigv20k"] = [dict(WORKLOADS["bigv"][0], vocab=20_000)]
+# Where one device overtakes one per core as V grows (the auto rule's vocabulary bound).
+WORKLOADS["vocab"] = [dict(WORKLOADS["bigv"][0], vocab=v) for v in (500, 1_000, 3_000)]
 # The batch grid (issue #14): B x hidden x layers, sequence objective, T=64, V=57. One workload
 # name per (layers, hidden) so each invocation stays short; "batchL<l>" runs all hidden sizes.
 BATCHES = (16, 32, 64, 128, 256)
@@ -155,7 +163,7 @@ def _make_step(wl: dict, var: dict):
     cfg.model.num_layers = wl["layers"]
     cfg.model.dtype = var["dtype"]
     cfg.model.backward = var["backward"]
-    # The seed's optimiser (as the PyTorch baseline): RMSprop, constant lr, no clipping.
+    # The Keras reference's optimiser (as the PyTorch baseline): RMSprop, constant lr, no clipping.
     cfg.optimizer.clip_norm = 0.0
     cfg.optimizer.schedule = "constant"
     mesh = parallel.make_mesh()
@@ -449,6 +457,88 @@ def plot_grid(rows: list[dict], path: pathlib.Path, peak: float | None) -> None:
     plt.close(fig)
 
 
+def auto_variant(wl: dict) -> str:
+    """The JAX variant `lstm-jax train` runs for this shape: one device per core ("devices") or
+    one device ("malloc"), as hostenv.recommended_cpu_devices decides on a 2-core host."""
+    from lstm_jax import hostenv
+    n = hostenv.recommended_cpu_devices(wl["hidden"], wl["batch"], cores=2,
+                                        vocab_size=wl["vocab"])
+    return "devices" if n > 1 else "malloc"
+
+
+def batch_grid_rows(record: dict) -> list[dict]:
+    """One row per shape of the batch grid and the default/large-V workloads (untagged runs):
+    target chars/s of PyTorch, one device ("malloc") and one per core ("devices"), the variant
+    the auto rule picks, and each one's ratio to PyTorch in the same interleaved run."""
+    out = []
+    for key, run in record["runs"].items():
+        if ":" in key or not key.startswith(("batch", "default", "bigv")):
+            continue
+        shapes = {_wl_key(r["workload"]): r["workload"] for r in run["rows"] if "workload" in r}
+        for wl_key, t in run["summary"].items():
+            v = t["values"]
+            if not {"torch", "malloc", "devices"} <= set(v):
+                continue
+            wl = shapes[wl_key]
+            auto = auto_variant(wl)
+            out.append(dict(workload=key, layers=wl["layers"], hidden=wl["hidden"],
+                            batch=wl["batch"], vocab=wl["vocab"], torch=v["torch"],
+                            one_device=v["malloc"], two_devices=v["devices"], auto=auto,
+                            auto_value=v[auto], ratio_auto=v[auto] / v["torch"],
+                            ratio_one=v["malloc"] / v["torch"], ratio_two=v["devices"] / v["torch"],
+                            time=run["time"]))
+    return sorted(out, key=lambda r: (r["vocab"] != 57, r["layers"], r["hidden"], r["batch"]))
+
+
+def print_batch_grid(rows: list[dict]) -> None:
+    """The grid as a Markdown table (for the README)."""
+    print("| layers | hidden | B | V | PyTorch | 1 device | 2 devices | auto | auto / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['hidden']} | {r['batch']} | {r['vocab']} | {r['torch']:,.0f} | "
+              f"{r['one_device']:,.0f} ({r['ratio_one']:.2f}x) | {r['two_devices']:,.0f} "
+              f"({r['ratio_two']:.2f}x) | {'2' if r['auto'] == 'devices' else '1'} | "
+              f"**{r['ratio_auto']:.2f}x** |")
+
+
+def plot_batch_grid(rows: list[dict], path: pathlib.Path) -> None:
+    """Throughput / PyTorch against batch size, one line per hidden size, one panel per layer
+    count, for the setting the auto rule picks; the default config's shape and V = 10,000 as
+    markers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for ax, layers in zip(axes, (1, 2)):
+        for hidden in sorted({r["hidden"] for r in rows}):
+            pts = sorted((r["batch"], r["ratio_auto"]) for r in rows if r["vocab"] == 57
+                         and r["layers"] == layers and r["hidden"] == hidden)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"hidden {hidden}")
+        if layers == 1:
+            for r in rows:
+                if r["vocab"] != 57:
+                    ax.plot(r["batch"], r["ratio_auto"], marker="*" if r["vocab"] < 1000 else "s",
+                            ms=11, ls="", color="k",
+                            label=f"default config (V={r['vocab']})" if r["vocab"] < 1000
+                            else f"LSTM(256), V={r['vocab']:,}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.2, color="g", lw=0.8, ls="--")
+        ax.set_yscale("log", base=2)   # ratios above ~2 are PyTorch's own slowdowns (glibc malloc)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size B (T = 64)")
+        ax.set_title(f"{layers} layer{'s' if layers > 1 else ''}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("target chars/s: lstm_jax (auto devices) / PyTorch")
+    axes[1].text(0.02, 0.02, "ratios far above 2: PyTorch's default glibc malloc collapses at "
+                 "that shape\n(benchmarks/README.md)", transform=axes[1].transAxes, fontsize=7)
+    fig.suptitle("Training throughput relative to PyTorch nn.LSTM on this CPU (2 cores), same "
+                 "interleaved run, sequence objective", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -474,6 +564,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "train_cpu.json"))
     ap.add_argument("--fresh", action="store_true", help="do not merge with an existing JSON")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNGs from the JSON")
+    ap.add_argument("--all-charts", action="store_true",
+                    help="with --replot: every workload's chart, not only train_cpu_batch.png "
+                         "(the one the docs show)")
     ap.add_argument("--tag", default="", help="store the runs as '<workload>:<tag>' (keeps the "
                                               "main per-workload entries)")
     args = ap.parse_args(argv)
@@ -492,8 +585,8 @@ def main(argv=None) -> int:
     if args.replot:
         record = json.loads(out.read_text())
         peak = (record.get("gemm_peak_gflops") or {}).get("max")
-        for key, run in record["runs"].items():
-            if key.startswith("grid"):
+        for key, run in record["runs"].items() if args.all_charts else ():
+            if key.startswith(("grid", "batch", "default", "bigv")) or ":" in key:
                 continue
             wname, _, tag = key.partition(":")
             plot(run["summary"], out.parent / f"train_cpu_{wname}{'_' + tag if tag else ''}.png",
@@ -501,8 +594,12 @@ def main(argv=None) -> int:
                  f"{record['host']['cpu_count']} cores (median of {run['repeats']} interleaved "
                  f"repeats, {run['time']})")
         grid_rows = [r for k, v in record["runs"].items() if k.startswith("grid") for r in v["rows"]]
-        if grid_rows:
+        if grid_rows and args.all_charts:
             plot_grid(grid_rows, out.parent / "train_cpu_grid.png", peak)
+        batch_rows = batch_grid_rows(record)
+        if batch_rows:
+            plot_batch_grid(batch_rows, out.parent / "train_cpu_batch.png")
+            print_batch_grid(batch_rows)
         return 0
     record = {}
     if out.exists() and not args.fresh:
@@ -544,7 +641,10 @@ def main(argv=None) -> int:
         if wname.startswith("grid"):
             plot_grid([r for k, v in runs.items() if k.startswith("grid") for r in v["rows"]],
                       out.parent / "train_cpu_grid.png", peak_val)
-        elif table:
+        elif wname.startswith(("batch", "default", "bigv")) and not args.tag:
+            if batch_grid_rows(record):
+                plot_batch_grid(batch_grid_rows(record), out.parent / "train_cpu_batch.png")
+        elif table and not args.tag:   # tagged A/B runs are kept in the JSON only
             plot(table, out.parent / f"train_cpu_{wname}{'_' + args.tag if args.tag else ''}.png",
                  f"{wname}: lstm_jax vs PyTorch {record['versions'].get('torch')}, "
                  f"{record['host']['cpu_count']} cores (median of {args.repeats} interleaved repeats)")

@@ -1,7 +1,8 @@
-"""Where the train step's time goes: a jax.profiler trace of the seed model's step, summed per XLA op.
+"""Where the train step's time goes: a jax.profiler trace of the Keras reference model's step, summed per XLA op.
 
-Runs the project's train step (lstm_jax.train.make_train_step, the CLI's host settings) for the seed
-model (LSTM(128), vocab 57, B=128, T=60, window objective unless --objective), traces `--steps`
+Runs the project's train step (lstm_jax.train.make_train_step, the CLI's host settings) for the Keras reference
+model (LSTM(128), vocab 57, B=128, T=60, window objective; or the shape given by --hidden, --layers,
+--batch, --seq, --vocab, --objective and --config), traces `--steps`
 steps with `jax.profiler.trace(create_perfetto_trace=True)`, and sums the XLA:CPU thunk events by
 name. Each op is put in a group: the per-timestep matmuls inside the time loops (forward h @ W_hh,
 backward dgates @ W_hh.T), the one weight-gradient GEMM after the loop, the elementwise gate work
@@ -10,6 +11,8 @@ devices on 2 cores, a group's wall share is about its sum / 2).
 
     python benchmarks/profile_step.py --devices 1
     python benchmarks/profile_step.py --devices 2 --out benchmarks/results/profile_cpu_2dev.json
+    python benchmarks/profile_step.py --devices 2 --objective sequence --hidden 256 --batch 32 \
+        --seq 64 --vocab 103 --config configs/default.py --gemm      # the default config's step
 """
 from __future__ import annotations
 
@@ -34,11 +37,16 @@ def main() -> None:
     ap.add_argument("--objective", default="window", choices=["window", "sequence"])
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=None, help="default: the seed's 128")
-    ap.add_argument("--seq", type=int, default=None, help="default: the seed's 60")
+    ap.add_argument("--batch", type=int, default=None, help="default: the Keras reference's 128")
+    ap.add_argument("--seq", type=int, default=None, help="default: the Keras reference's 60")
     ap.add_argument("--vocab", type=int, default=57)
     ap.add_argument("--steps", type=int, default=20, help="traced steps")
     ap.add_argument("--top", type=int, default=25, help="ops listed by name")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "nietzsche_keras.py"),
+                    help="config file the optimizer and init come from (default: the Keras reference's)")
+    ap.add_argument("--gemm", action="store_true",
+                    help="also time the loops' matmul shapes alone: XLA (a loop of 64 dependent "
+                         "matmuls, as in the recurrence) against PyTorch/MKL torch.mm")
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = ap.parse_args()
 
@@ -50,7 +58,7 @@ def main() -> None:
     from lstm_jax import parallel, train
     from lstm_jax.config import load_config_file
 
-    config = load_config_file(str(ROOT / "configs" / "nietzsche_keras.py"))
+    config = load_config_file(args.config)
     config.objective = args.objective
     config.model.hidden_size, config.model.num_layers = args.hidden, args.layers
     config.batch_size = args.batch or config.batch_size
@@ -73,9 +81,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            t0 = time.perf_counter()
             for _ in range(args.steps):
                 state, _ = step(state, batch, key)
             jax.block_until_ready(state)
+            traced_ms = (time.perf_counter() - t0) / args.steps * 1e3
         trace = sorted(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True))[-1]
         events = json.load(gzip.open(trace))["traceEvents"]
 
@@ -101,21 +111,81 @@ def main() -> None:
         "samples_per_s_untraced": round(config.batch_size / step_ms * 1e3),
         "note": "ms per step summed over devices (2 devices on 2 cores run concurrently)",
         "groups_ms_per_step": {g: round(v, 2) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-        # Wall time no XLA op covers (thunk dispatch, loop control, waiting for the host): the
-        # untraced step time on every device minus the summed op time.
-        "uncovered_ms_per_step": round(step_ms * jax.device_count() - sum(groups.values()), 2),
+        # Tracing slows small ops down: compare the summed op time with the traced step time.
+        "traced_step_ms": round(traced_ms, 2),
+        "op_ms_sum_per_device": round(sum(groups.values()) / jax.device_count(), 2),
         "ops": ops[:args.top],
     }
+    if args.gemm:
+        result["gemm"] = _gemm_table(config.batch_size // jax.device_count(), args.hidden)
     print(f"{jax.device_count()} device(s): {step_ms:.2f} ms/step untraced "
           f"({result['samples_per_s_untraced']} samples/s)")
     for g, v in result["groups_ms_per_step"].items():
         print(f"  {v:8.2f} ms  {g}")
-    print(f"  {result['uncovered_ms_per_step']:8.2f} ms  not inside any op (dispatch, loop control)")
+    print(f"  (traced: {traced_ms:.2f} ms/step; summed ops per device {result['op_ms_sum_per_device']} ms)")
+    for row in result.get("gemm", []):
+        print(f"  gemm {row}")
     for op in result["ops"]:
         print(f"    {op['ms_per_step']:8.3f} ms {op['calls_per_step']:6.1f}x  {op['op']}  [{op['group']}]")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
         print("wrote", args.out)
+
+
+def _gemm_table(rows: int, hidden: int) -> list[dict]:
+    """GFLOP/s of the recurrence's two per-step matmul shapes, (rows, H) x (H, 4H) and
+    (rows, 4H) x (4H, H): XLA as a jitted loop of 64 dependent matmuls on one device (the loop's
+    own situation; with several CPU devices each device runs them single-threaded), and
+    PyTorch's torch.mm (MKL) on 1 and on all threads, median of 7 x 200 calls."""
+    import statistics
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    out = []
+    for k, n in ((hidden, 4 * hidden), (4 * hidden, hidden)):
+        flop = 2 * rows * k * n
+        w = jax.device_put(jnp.asarray(np.random.randn(k, n).astype(np.float32) * 0.01),
+                           jax.devices()[0])
+        x = jax.device_put(jnp.asarray(np.random.randn(rows, k).astype(np.float32)), jax.devices()[0])
+
+        def loop(x, w, k=k, n=n):
+            def body(i, a):
+                y = jnp.dot(a, w)
+                return y[:, :k] if n >= k else jnp.tile(y, (1, k // n))
+            return jax.lax.fori_loop(0, 64, body, x)
+        f = jax.jit(loop)
+        f(x, w).block_until_ready()
+        ts = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                r = f(x, w)
+            r.block_until_ready()
+            ts.append((time.perf_counter() - t0) / 5 / 64)
+        row = {"shape": f"({rows}, {k}) x ({k}, {n})", "xla_loop_us": statistics.median(ts) * 1e6}
+        try:
+            import torch
+        except ImportError:
+            out.append(row)
+            continue
+        a, b, c = torch.randn(rows, k), torch.randn(k, n), torch.empty(rows, n)
+        default_threads = torch.get_num_threads()
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            for _ in range(20):
+                torch.mm(a, b, out=c)
+            ts = []
+            for _ in range(7):
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    torch.mm(a, b, out=c)
+                ts.append((time.perf_counter() - t0) / 200)
+            row[f"torch_mm_{threads}thr_us"] = statistics.median(ts) * 1e6
+        torch.set_num_threads(default_threads)
+        for key in [key for key in row if key.endswith("_us")]:
+            row[key.replace("_us", "_gflops")] = flop / row[key] * 1e-3
+        out.append({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()})
+    return out
 
 
 def _is_xla_op(name: str) -> bool:

@@ -14,10 +14,10 @@ under `flock -x /tmp/lstm_jax_cpu.lock`, one short invocation per section or voc
              measurement behind sample.UNROLLED_MAX_VOCAB.
   long       peak RSS of 4 samples x --long-length chars (a fresh process each; not a timing).
 
-lstm_jax: `sample.Sampler.generate` end to end (host arrays in, strings out), the seed's four
+lstm_jax: `sample.Sampler.generate` end to end (host arrays in, strings out), the Keras reference's four
   temperatures 0.2/0.5/1.0/1.2 cycled over the rows.
 PyTorch: nn.LSTM + nn.Linear stepped one char at a time carrying (h, c), torch.multinomial on
-  softmax(logits / T), torch.inference_mode. Input "onehot" (the seed's formulation, run up to
+  softmax(logits / T), torch.inference_mode. Input "onehot" (the Keras reference's formulation, run up to
   V = 1,024) and "embedding" (nn.Embedding(V, H), what a PyTorch user writes at large V); the
   faster of the two is the peer in `speedup`.
 chars/s counts generated characters only (rows x length). Each of `--repeats` rounds times lstm_jax

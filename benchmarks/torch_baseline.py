@@ -2,7 +2,7 @@
 
 Model: one-hot input (B, T, V) -> nn.LSTM(V, H, num_layers, batch_first=True) -> nn.Linear(H, V),
 or with workload["torch_input"] = "embedding" nn.Embedding(V, H) -> nn.LSTM(H, H, ...) (large V);
-RMSprop(lr=0.01, alpha=0.9, eps=1e-7) (Keras's RMSprop defaults, as the seed). Objectives:
+RMSprop(lr=0.01, alpha=0.9, eps=1e-7) (Keras's RMSprop defaults, as the Keras reference). Objectives:
   window:   logits of the last position only, cross-entropy against the next char (samples/s)
   sequence: logits at every position, cross-entropy against every next char (target chars/s)
 

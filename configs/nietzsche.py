@@ -1,11 +1,11 @@
 """Nietzsche, done properly: sequence objective (loss at every position), clipping, cosine decay.
 
 Same lowercased corpus and held-out tail as configs/nietzsche_keras.py, so val_last_loss (loss on the
-char after held-out 60-char windows) is comparable with the seed's training loss.
+char after held-out 60-char windows) is comparable with the Keras reference's training loss.
 
 Command:  lstm-jax train --config configs/nietzsche.py --workdir runs/nz
-Expected (2-core CPU, 1 XLA device): val_last_loss <= 1.34 (the seed's epoch-20 training loss) at
-step 1,946, 103 s of training (the seed needs ~1,760 s for its 20 epochs); 140 s for all 10 epochs;
+Expected (2-core CPU, 1 XLA device): val_last_loss <= 1.34 (the Keras reference's epoch-20 training loss) at
+step 1,946, 103 s of training (the Keras reference needs ~1,760 s for its 20 epochs); 140 s for all 10 epochs;
 best val_last_loss 1.319, val_loss 1.367 nats (1.97 bpc). Bigger models overfit this 570k-char
 corpus within the same time.
 """

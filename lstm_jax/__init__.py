@@ -11,8 +11,8 @@ from lstm_jax.corpora import load_text
 from lstm_jax.data import Vocab
 from lstm_jax.model import CharLSTM, ModelConfig
 from lstm_jax.sample import generate
-from lstm_jax.loop import TrainResult, restore_model, train_and_evaluate
+from lstm_jax.loop import TrainResult, evaluate_text, restore_model, train_and_evaluate
 
-__all__ = ["CharLSTM", "ModelConfig", "TrainResult", "Vocab", "generate", "get_config",
+__all__ = ["CharLSTM", "ModelConfig", "TrainResult", "Vocab", "evaluate_text", "generate", "get_config",
            "load_config_file", "load_text", "restore_model", "train_and_evaluate", "validate"]
 __version__ = "0.1.0"

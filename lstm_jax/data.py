@@ -188,7 +188,7 @@ class Batcher:
 
 
 class WindowBatcher(Batcher):
-    """The seed's windows: `text[i:i+maxlen]` -> `text[i+maxlen]` for i in range(0, n - maxlen, step)."""
+    """The Keras reference's windows: `text[i:i+maxlen]` -> `text[i+maxlen]` for i in range(0, n - maxlen, step)."""
 
     def __init__(self, tokens: np.ndarray, maxlen: int, step: int, global_batch: int, seed: int):
         super().__init__(tokens, global_batch, seed)
@@ -285,7 +285,7 @@ def text_streams(tokens: np.ndarray, num_streams: int) -> tuple[np.ndarray, np.n
 
 def eval_windows(val_tokens: np.ndarray, window: int, stride: int, max_windows: int) -> np.ndarray:
     """Held-out (N, window + 1) windows starting every `stride` chars, at most `max_windows`
-    of them, evenly spaced: the seed's windows, on text the model never trained on."""
+    of them, evenly spaced: the Keras reference's windows, on text the model never trained on."""
     starts = np.arange(0, len(val_tokens) - window, stride)
     if len(starts) == 0:
         raise DataError(f"the validation split ({len(val_tokens)} chars) is shorter than one "

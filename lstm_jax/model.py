@@ -1,6 +1,6 @@
 """CharLSTM: embedding gather -> stacked LSTM layers (each one `lax.scan`) -> linear head.
 
-The first layer's input weights double as the embedding: a one-hot input times W_ih (the seed's
+The first layer's input weights double as the embedding: a one-hot input times W_ih (the Keras reference's
 formulation) is exactly a row gather of W_ih, so tokens index `layers[0].kernel_in` directly.
 All gate matmuls are fused (one (., 4H) matrix per input), input projections for every timestep are
 computed before the scan, and the head runs once over all timesteps after it.

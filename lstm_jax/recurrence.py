@@ -146,9 +146,9 @@ def _backward(kernel_rec_Hx4H, saved, d_carry, d_hs_TxBxH, dtype, unroll):
 
     The loop carries c_t next to the cotangents and recomputes tanh(c_t) (cheaper than storing
     it), and writes d gates over the saved t in place, so the (T, B, 4H) buffer becomes dxproj
-    with no new buffer to fill. Measured alternatives (seed model, interleaved runs): writing row 0
-    after the loop made XLA:CPU copy the whole buffer three times (7-8% slower); a separate
-    zero-filled d-gates buffer was 2.5-4% slower on 2 CPU devices, the same on one.
+    with no new buffer to fill. Writing row 0 after the loop instead made XLA:CPU copy the whole
+    buffer three times; a separate zero-filled d-gates buffer was slower on 2 CPU devices
+    (benchmarks/README.md).
     """
     h_all, c_all, ts = saved
     T = ts.shape[0]
@@ -177,7 +177,7 @@ def _backward(kernel_rec_Hx4H, saved, d_carry, d_hs_TxBxH, dtype, unroll):
         # d loss / d activation for (i, f, g, o), then through the nonlinearity in one pass:
         # [dc, dc, dc, dh] * [g, c_prev, i, tanh(c)]. As the product of two concatenates XLA:CPU
         # computes dc once; concatenating the four products instead made it recompute dc in four
-        # fusions (seed model 8-11% slower; a select over the gate axis was 35% slower).
+        # fusions (slower, as was a select over the gate axis).
         d_act = (jnp.concatenate([dc, dc, dc, dh], axis=-1)
                  * jnp.concatenate([g, c_prev, i_g, tc], axis=-1))
         dgates = d_act * (q * (1.0 - t * t))

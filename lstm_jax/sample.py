@@ -157,7 +157,7 @@ def _keep(p_BxV, top_k, top_p, use_top_k: bool, use_top_p: bool):
     the mass, ties kept together (entry j is kept when fewer than top_k entries are more likely and
     those hold less than top_p). The two thresholds are found by bisection over the bits of p
     (p >= 0, so integer order is float order): BISECTION_PASSES masked counts or sums over V each,
-    compared as floats (~25% faster than as integers on CPU; each pass streams p from memory).
+    compared as floats (faster than as integers on CPU; each pass streams p from memory).
     """
     as_float = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.float32)
     top_B = jax.lax.bitcast_convert_type(p_BxV.max(1), jnp.int32)
@@ -201,7 +201,7 @@ def _window_logits(model, window_BxW, valid_B):
 
 class _HashedOnce:
     """A static jit argument hashed once: jit hashes static arguments at every call, and a GraphDef
-    hashes its whole structure (~65 us, 3% of a 1-row, 400-char call)."""
+    hashes its whole structure, a visible share of a 1-row call."""
 
     def __init__(self, value):
         self.value, self._hash = value, hash(value)
@@ -228,7 +228,7 @@ def _block(graphdef, params, carry, prime_BxS, prime_len_B, temperature_B, first
     draw any row keeps) comes from the host so that sharded rows never communicate (XLA:CPU
     collectives between in-process devices can deadlock). window=0: O(1) per step, the LSTM state
     is carried. window=W: the state is recomputed from zero over the last W input chars at every
-    step (the seed's window semantics).
+    step (the Keras reference's window semantics).
     """
     model = nnx.merge(graphdef.value, params)
     batch, num_steps = prime_BxS.shape
@@ -519,7 +519,7 @@ def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 40
     prime: None/"" (start from '\\n'), one string for every row, or a list cycled over the rows.
     unknown: 'error' (list prime chars outside the vocabulary) or 'drop' them.
     context: 'state' (carry the LSTM state) or 'window' (re-run the last `window` chars for every
-    new one, the seed's semantics for a model trained with the window objective).
+    new one, the Keras reference's semantics for a model trained with the window objective).
     chunk_size: most rows per compiled call; bounds memory.
     Raises SamplingInterrupted on SIGINT/SIGTERM (checked between blocks, within about a second).
     """

@@ -1,4 +1,4 @@
-"""Vocab (chars and bytes kinds, invariants, vocab.json), encoding, the seed's window
+"""Vocab (chars and bytes kinds, invariants, vocab.json), encoding, the Keras reference's window
 construction, sequence chunks, held-out windows, padding, memmaps (also with no validation split).
 
 Each test names a plausible bug it catches."""
@@ -23,7 +23,7 @@ MIXED = "Zarathustra sprach: «Übermensch»\nκόσμος, 超人, привет
 
 
 def test_vocab_is_sorted_distinct_chars_and_round_trips():
-    """Index i is the i-th smallest code point of the corpus (the seed's sorted(set(text))), for
+    """Index i is the i-th smallest code point of the corpus (the Keras reference's sorted(set(text))), for
     any script, astral characters included. Fails if encode maps a char to another index (e.g. a
     search over UTF-16 units or an unsorted table) or decode is not its inverse."""
     vocab = data.Vocab.from_text(MIXED)
@@ -124,7 +124,7 @@ def test_unknown_chars_are_listed_or_dropped():
     assert vocab.decode(vocab.encode("abxcz", unknown="drop")) == "abc"
 
 
-def test_window_batches_equal_the_seed_construction():
+def test_window_batches_equal_the_keras_reference_construction():
     text = "the cat sat on the mat; the dog sat on the log. " * 3
     maxlen, step = 10, 3
     vocab = data.Vocab.from_text(text)
@@ -134,14 +134,14 @@ def test_window_batches_equal_the_seed_construction():
     assert batcher.num_examples == len(sentences) == len(range(0, len(text) - maxlen, step))
     assert batcher.steps_per_epoch == len(sentences) // 4
     from collections import Counter
-    seed_pairs = Counter(zip(sentences, next_chars))
+    keras_pairs = Counter(zip(sentences, next_chars))
     ours = Counter()
     for batch in batcher.epoch_batches(epoch=0):
         assert batch.shape == (4, maxlen + 1)
         ours.update((vocab.decode(row[:-1]), vocab.decode(row[-1:])) for row in batch)
-    # every (window, next char) pair is the seed's; only the remainder (< one batch) is left out
-    assert not ours - seed_pairs
-    assert sum((seed_pairs - ours).values()) == len(sentences) % 4
+    # every (window, next char) pair is the Keras reference's; only the remainder (< one batch) is left out
+    assert not ours - keras_pairs
+    assert sum((keras_pairs - ours).values()) == len(sentences) % 4
 
 
 def test_shuffling_is_deterministic_per_epoch_and_seed():

@@ -77,13 +77,13 @@ def test_plot_runs_draws_every_metric_of_every_run(tmp_path, figures):
     assert time_lines["Keras (this machine)"] == (plot.KERAS_HERE["elapsed_s"], plot.KERAS_HERE["loss"])
     assert epoch_lines["Keras (this machine)"] == (plot.KERAS_HERE["epoch"], plot.KERAS_HERE["loss"])
     assert "Keras (book's run)" in epoch_lines
-    for lines in (time_lines, epoch_lines):                  # the seed's epoch-20 bar
+    for lines in (time_lines, epoch_lines):                  # the Keras reference's epoch-20 bar
         assert lines["1.34 (Keras reference, epoch 20)"][1] == [plot.SEED_TARGET] * 2
     assert ax_time.get_xlabel() == "wall time (s)" and ax_epoch.get_xlabel() == "epoch"
 
 
 def test_plot_cli_writes_the_png_without_the_reference(tmp_path, figures, capsys):
-    """`lstm-jax plot --workdir A --nokeras_reference --out F` writes F with A's curves, the seed's
+    """`lstm-jax plot --workdir A --nokeras_reference --out F` writes F with A's curves, the Keras reference's
     1.34 bar and no Keras points. Fails if the flag is not passed through or a run without evaluation events
     gets empty validation curves."""
     records = [r for r in _write_run(tmp_path / "run", 0.0) if "train_loss" in r]

@@ -1,5 +1,5 @@
 """The sampler: exact outputs of injected models, draw statistics at V = 2 ... 5,000 for both draw
-kernels, batch independence, compile-once, bounded memory, byte vocabularies, the seed's window
+kernels, batch independence, compile-once, bounded memory, byte vocabularies, the Keras reference's window
 semantics, the JSONL writer (output safety, interrupts), and every bad input."""
 import functools
 import json
@@ -478,7 +478,7 @@ def test_random_bytes_decode_like_python(one_device):
     assert any("\ufffd" in t for t in out.texts) and any(len(t) < 50 for t in out.texts)
 
 
-# --- the seed's window semantics -----------------------------------------------------------------
+# --- the Keras reference's window semantics -----------------------------------------------------------------
 
 def test_window_context_reruns_the_last_window_for_every_char(one_device):
     model = CharLSTM(ModelConfig(vocab_size=8, hidden_size=16), rngs=nnx.Rngs(2))

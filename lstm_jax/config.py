@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.parallel.mode = "mesh"           # mesh (jit over a ('data',) mesh) | pmap
     c.parallel.num_devices = 0         # devices in the mesh; 0 = all devices of all processes
     c.parallel.cpu_devices = 0         # CPU hosts: 0 = auto (one per core for hidden <= 384 and
-                                       # V <= 1024, else one; hostenv.recommended_cpu_devices);
+                                       # V <= 2048, else one; hostenv.recommended_cpu_devices);
                                        # -1 = one per core; n
     c.parallel.tune_allocator = True   # glibc malloc settings that stop XLA re-mapping temporaries
     c.parallel.distributed = False     # call jax.distributed.initialize (multi-host)

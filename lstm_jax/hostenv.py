@@ -443,10 +443,11 @@ def configure_cpu_devices(n: Optional[int] = None, *,
 
 # Bounds of the auto rule, from the batch grid on 2 cores (benchmarks/README.md, "Training speed"):
 # one device per core won at hidden 128 and 256 for every batch size measured, one device from
-# hidden 512 on; and one device won at large vocabularies, where the head's (B*T, H) x (H, V)
-# GEMM dominates the step and is big enough for all cores.
+# hidden 512 on; and one device won at large vocabularies (LSTM(256), B=32: two devices ahead at
+# V = 500 and 1,000, one device at 3,000 and 10,000), where the head's (B*T, H) x (H, V) GEMM
+# dominates the step and is big enough for all cores.
 PER_CORE_DEVICES_MAX_HIDDEN = 384
-PER_CORE_DEVICES_MAX_VOCAB = 1024
+PER_CORE_DEVICES_MAX_VOCAB = 2048
 
 
 def recommended_cpu_devices(hidden_size: int, batch_size: int = 128,

@@ -97,9 +97,11 @@ PRIORITY += [(w, v) for w in ("lstm512", "3xlstm1024") for v in ("custom_f32", "
 PRIORITY += [("keras_lstm128", v) for v in ("torch_bf16", "autodiff_bf16")]
 PRIORITY += [(w, "autodiff_f32") for w in WORKLOADS]
 # smoke: every code path once (backends, dtypes, both objectives, 1 and 3 layers, PyTorch)
-SMOKE_PRIORITY = [("keras_lstm128", v) for v in ("autodiff_f32", "custom_f32", "cudnn_f32",
-                                                 "custom_bf16", "torch_f32")]
-SMOKE_PRIORITY += [("3xlstm1024", v) for v in ("autodiff_bf16", "cudnn_f32")]
+# Smoke: every kind of row once (ours f32/bf16, PyTorch, the emulated cuDNN path, a 3-layer model);
+# the cuDNN numerics themselves are checked in the correctness section.
+SMOKE_PRIORITY = [("keras_lstm128", v) for v in ("autodiff_f32", "custom_f32", "custom_bf16",
+                                                 "torch_f32")]
+SMOKE_PRIORITY += [("3xlstm1024", v) for v in ("cudnn_f32",)]
 
 SAMPLE_ROWS, SMOKE_SAMPLE_ROWS = (1, 1024, 4096, 65536), (1, 64)
 KERAS_EPOCH20_LOSS = 1.34

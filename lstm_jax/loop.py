@@ -257,6 +257,7 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                         jax.block_until_ready(metrics)
                 meter.record(step, metrics, counted=not first)
                 done = step + 1
+                bar.update(1)   # host-side only: no device sync
                 if (length := budget.length(done, meter, state, total)) is not None:
                     total, pieces, how = length, *train_lib.continue_lr_segments(pieces, config, done, length)
                     placement.set_optimizer(train_lib.make_optimizer(config, total, pieces))

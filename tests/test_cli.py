@@ -47,6 +47,15 @@ def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys, monke
     assert out[1] == out[3] and out[1].startswith("the ") and len(out[1]) == len("the ") + 10
 
 
+def test_train_shows_a_progress_bar_that_reaches_the_last_step(tmp_path, repetitive_corpus, capsys):
+    """The README's main command shows a progress bar. Fails if the loop never advances it (a bar
+    stuck at 0/30 passed every other test)."""
+    assert run_cli("train", *TINY, "--workdir", str(tmp_path / "run"),
+                   f"--config.corpus={repetitive_corpus}") == 0
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "30/30" in err and "chars_s=" in err, err[-2000:]
+
+
 def expect_exit(match, *args):
     with pytest.raises(SystemExit) as e:
         run_cli(*args)

@@ -31,6 +31,7 @@ def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys, monke
     assert "temperature 1.2" in out and "done: step 30" in out
     # the CPU device rule saw the vocabulary (fails if the CLI sets up the host without it)
     assert seen["vocab_size"] == len(set(pathlib.Path(repetitive_corpus).read_text())), seen
+    assert seen["cpu_devices"] == 1, seen   # tiny.py's mesh has 1 device: no second CPU device
     jsonl = tmp_path / "s.jsonl"
     assert run_cli("sample", "--workdir", workdir, "--num_samples=6", "--length=25",
                    "--temperature=0,1.0", "--prime=the quick", f"--out={jsonl}") == 0
@@ -145,7 +146,7 @@ def test_console_script_entry_point_runs():
 
 @pytest.mark.parametrize("cpu_devices,hidden,batch,accum,expected", [
     (0, 128, 128, 1, 2),    # auto, small model: one device per core
-    (0, 256, 128, 1, 1),    # auto, larger model: one multi-threaded device
+    (0, 512, 128, 1, 1),    # auto, larger model: one multi-threaded device
     (0, 128, 130, 2, 1),    # auto, micro-batch 65 does not split over 2 cores
     (-1, 512, 128, 1, 2),   # one per core, whatever the model
     (3, 128, 128, 1, 3),    # explicit
@@ -308,7 +309,11 @@ def test_sigint_during_sample_stops_with_one_line_and_keeps_valid_rows(tmp_path,
     import signal
     import time
     out = tmp_path / "s.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "lstm_jax.cli", "sample", "--workdir", str(trained),
+    # Python's default SIGINT handler even under a shell's background job (which starts with
+    # SIGINT ignored, and the sampler respects an ignored signal, as under nohup)
+    main = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'lstm-jax'; runpy.run_module('lstm_jax.cli', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", main, "sample", "--workdir", str(trained),
                              "--num_samples=8192", "--length=2000", "--chunk_size=64", "--noprogress",
                              f"--out={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

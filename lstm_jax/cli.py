@@ -106,14 +106,13 @@ def _host_setup(config, vocab_size: int = 0) -> "hostenv.HostPlan":
     start-up; must run before JAX computes anything."""
     batch = (config.per_device_batch_size * hostenv.cpu_count() if config.per_device_batch_size
              else config.batch_size) // max(config.grad_accum_steps, 1)
-    cpu_devices = config.parallel.cpu_devices
-    if cpu_devices == 0 and config.parallel.num_devices > 0 and not config.parallel.distributed:
-        cpu_devices = config.parallel.num_devices   # the mesh uses only these: create no more
     try:
         plan = hostenv.setup_host(hidden_size=config.model.hidden_size, batch_size=batch,
-                                  cpu_devices=cpu_devices,
+                                  cpu_devices=config.parallel.cpu_devices,
                                   tune_allocator=config.parallel.tune_allocator,
-                                  vocab_size=vocab_size)
+                                  vocab_size=vocab_size,
+                                  mesh_devices=0 if config.parallel.distributed
+                                  else config.parallel.num_devices)
     except ValueError as e:   # hostenv.UnsafeHostSetting: a PJRT_NPROC XLA:CPU would abort with
         raise SystemExit(f"lstm-jax train: {e}")
     if config.parallel.distributed:

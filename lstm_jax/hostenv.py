@@ -282,13 +282,15 @@ def forced_cpu_device_count(xla_flags: str) -> Optional[int]:
 def plan_host(*, platform: str, hidden_size: int, batch_size: int, cpu_devices: int = 0,
               tune_allocator: bool = True, env: Mapping[str, str] = {}, cores: int = 1,
               jax_num_cpu_devices: int = -1, single_threaded_devices: bool = True,
-              vocab_size: int = 0) -> HostPlan:
+              vocab_size: int = 0, mesh_devices: int = 0) -> HostPlan:
     """Decides the host settings for one run; pure (reads only its arguments).
 
     platform: JAX's default backend for the run ('cpu', 'gpu', 'tpu', ...). Off the CPU nothing is
       planned: allocator, device count and pool are CPU-only.
     hidden_size, batch_size, vocab_size: the model width, the (micro-)batch per step and the
       vocabulary size (0 = unknown), for the auto rule.
+    mesh_devices: `parallel.num_devices` of a one-process run (0 = all): with cpu_devices auto,
+      exactly that many CPU devices are created (the mesh would leave any more idle).
     cpu_devices: `parallel.cpu_devices`: 0 = auto (`recommended_cpu_devices`), -1 = one per core,
       n > 0 = n. An explicit count in the environment wins over it: `jax_num_cpu_devices` >= 1
       (JAX uses it over the XLA flag), then `--xla_force_host_platform_device_count` in
@@ -314,6 +316,8 @@ def plan_host(*, platform: str, hidden_size: int, batch_size: int, cpu_devices: 
         n, source = int(cpu_devices), "parallel.cpu_devices"
     elif cpu_devices == -1:
         n, source = max(cores, 1), "one per core"
+    elif mesh_devices > 0:
+        n, source = int(mesh_devices), "parallel.num_devices"
     else:
         n = recommended_cpu_devices(hidden_size, batch_size, cores=cores, vocab_size=vocab_size)
         source = (f"auto: hidden {hidden_size}, batch {batch_size}"
@@ -401,7 +405,7 @@ def apply_plan(plan: HostPlan) -> bool:
 
 def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
                tune_allocator: bool = True, platform: Optional[str] = None,
-               vocab_size: int = 0) -> HostPlan:
+               vocab_size: int = 0, mesh_devices: int = 0) -> HostPlan:
     """Decides and applies the host settings for one run; returns the plan (print `summary()`).
 
     The CLI's one call, before JAX initialises its backends. `platform` defaults to
@@ -411,7 +415,8 @@ def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
     plan = plan_host(platform=platform or guess_platform(), hidden_size=hidden_size,
                      batch_size=batch_size, cpu_devices=cpu_devices, tune_allocator=tune_allocator,
                      env=dict(os.environ), cores=cpu_count(),
-                     jax_num_cpu_devices=_jax_num_cpu_devices(), vocab_size=vocab_size)
+                     jax_num_cpu_devices=_jax_num_cpu_devices(), vocab_size=vocab_size,
+                     mesh_devices=mesh_devices)
     apply_plan(plan)
     return plan
 

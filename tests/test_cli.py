@@ -31,7 +31,7 @@ def test_train_then_sample_round_trip(tmp_path, repetitive_corpus, capsys, monke
     assert "temperature 1.2" in out and "done: step 30" in out
     # the CPU device rule saw the vocabulary (fails if the CLI sets up the host without it)
     assert seen["vocab_size"] == len(set(pathlib.Path(repetitive_corpus).read_text())), seen
-    assert seen["cpu_devices"] == 1, seen   # tiny.py's mesh has 1 device: no second CPU device
+    assert seen["mesh_devices"] == 1, seen   # tiny.py's mesh has 1 device: no second CPU device
     jsonl = tmp_path / "s.jsonl"
     assert run_cli("sample", "--workdir", workdir, "--num_samples=6", "--length=25",
                    "--temperature=0,1.0", "--prime=the quick", f"--out={jsonl}") == 0

@@ -97,6 +97,14 @@ def test_the_auto_device_rule_follows_the_measured_grid(hidden, batch, vocab, ex
     assert plan.cpu_devices == expected and f"vocab {vocab}" in plan.summary()
 
 
+def test_auto_creates_exactly_the_devices_a_sized_mesh_uses():
+    """parallel.num_devices sizes the auto count (fails if a 1-device mesh still gets a device per
+    core, or an 8-device mesh only 2); an explicit cpu_devices still wins."""
+    assert _plan(mesh_devices=1).cpu_devices == 1
+    assert _plan(mesh_devices=8).cpu_devices == 8 and "parallel.num_devices" in _plan(mesh_devices=8).summary()
+    assert _plan(mesh_devices=1, cpu_devices=-1).cpu_devices == 2
+
+
 def test_one_device_gets_no_pool_or_flags_and_big_models_get_one_device():
     plan = _plan(hidden_size=512)
     assert (plan.cpu_devices, plan.pool_threads, plan.xla_flags) == (1, None, ())

@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import re
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -122,6 +123,58 @@ def _host_setup(config, vocab_size: int = 0) -> "hostenv.HostPlan":
     return plan
 
 
+def _path(value: Optional[str]) -> Optional[str]:
+    """A path flag as the user meant it: `~` expanded (a shell leaves a quoted '~/wd' alone)."""
+    return os.path.expanduser(value) if value else value
+
+
+class _Terminated(BaseException):
+    """SIGTERM before the training loop (or the sampler) installs its own stop handler."""
+
+
+class _StartupSignals:
+    """SIGINT/SIGTERM while a command starts up (imports, corpus loading, restoring, compiling).
+    The handler only records the signal: raised from a handler, KeyboardInterrupt is swallowed
+    by JAX's gc callbacks (training ran on) or, mid-way through loading jaxlib, crashes the
+    interpreter. The command checks between phases (`_stop_if_signalled`), and the training loop's
+    stop handler takes over a signal recorded here (`pending`) and saves at its first step.
+    An ignored signal (nohup, a shell's background job) stays ignored."""
+
+    def __init__(self):
+        self.pending, self.raising = 0, False
+        self._old: dict = {}
+
+    def __call__(self, signum, frame):
+        self.pending = self.pending or signum
+        if self.raising:
+            _stop_if_signalled()
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                    self._old[sig] = signal.signal(sig, self)
+            except ValueError:   # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+_STARTUP: list = []   # the running command's _StartupSignals
+
+
+def _stop_if_signalled(then_raise: bool = False) -> None:
+    """Stops the command if a signal came; `then_raise`: from now on a signal stops it at once
+    (once JAX is loaded, for the commands that have no stop handler of their own)."""
+    if _STARTUP and _STARTUP[-1].pending:
+        raise KeyboardInterrupt if _STARTUP[-1].pending == signal.SIGINT else _Terminated()
+    if _STARTUP and then_raise:
+        _STARTUP[-1].raising = True
+
+
 def _define_common(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("debug", False, "show the full traceback of an error", flag_values=fv)
 
@@ -135,30 +188,41 @@ def train(argv: Sequence[str]) -> int:
     _define_common(fv)
     argv = _define_config(fv, argv)
     _parse(fv, argv, "train", _config_help())
-    config = fv["config"].value
+    config, workdir = fv["config"].value, _path(fv["workdir"].value)
     from lstm_jax import config as config_lib
     try:
         config_lib.validate(config)
     except ValueError as e:
         raise SystemExit(f"lstm-jax train: {e}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise SystemExit(f"lstm-jax train: --workdir {workdir} is a file, not a directory; "
+                         f"choose another --workdir")
+    _stop_if_signalled()
     from lstm_jax import train as train_lib   # imports JAX, computes nothing
+    _stop_if_signalled()
     corpus = _friendly(lambda: train_lib.load_corpus(config), fv["debug"].value)
+    _stop_if_signalled()
+    if missing := corpus.vocab.unknown_chars(config.sample.prime):
+        raise SystemExit(f"lstm-jax train: sample.prime {config.sample.prime!r} has characters "
+                         f"outside the corpus's vocabulary: {''.join(missing)!r}; choose a prime "
+                         f"made of the corpus's characters (or '' for a held-out window)")
     host = _host_setup(config, vocab_size=len(corpus.vocab))
     import jax
     from lstm_jax import loop
+    _stop_if_signalled()
     if jax.process_index() == 0:
         print(host.summary())
         if note := host.confirm(jax.default_backend()):
             print(note)
     result = _friendly(lambda: loop.train_and_evaluate(
-        config, fv["workdir"].value, new_run=fv["new_run"].value, progress=fv["progress"].value,
+        config, workdir, new_run=fv["new_run"].value, progress=fv["progress"].value,
         step=fv["step"].value, corpus=corpus), fv["debug"].value)
     if result.preempted:
         return 130 if result.preempted_by == "SIGINT" else 143
     m = result.metrics
     shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("train_loss", "val_loss", "val_last_loss") if k in m)
     if jax.process_index() == 0:
-        print(f"done: step {result.step}" + (f", {shown}" if shown else "") + f"; workdir {fv['workdir'].value}")
+        print(f"done: step {result.step}" + (f", {shown}" if shown else "") + f"; workdir {workdir}")
     return 0
 
 
@@ -182,26 +246,33 @@ def sample(argv: Sequence[str]) -> int:
     flags.mark_flag_as_required("workdir", flag_values=fv)
     _define_common(fv)
     _parse(fv, argv, "sample")
-    from lstm_jax import loop
-    from lstm_jax import sample as sample_lib
     try:
         temperatures = [float(t) for t in fv["temperature"].value]
     except ValueError:
         raise SystemExit(f"lstm-jax sample: --temperature must be numbers separated by commas, "
                          f"got {','.join(fv['temperature'].value)!r}")
-    if fv["prime_file"].value:
+    workdir, out, prime_file = (_path(fv[name].value) for name in ("workdir", "out", "prime_file"))
+    if prime_file and fv["prime"].value:
+        raise SystemExit("lstm-jax sample: pass --prime or --prime_file, not both")
+    if prime_file:
         try:
-            with open(fv["prime_file"].value, encoding="utf-8") as f:
+            with open(prime_file, encoding="utf-8") as f:
                 prime = [line.rstrip("\n") for line in f]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"lstm-jax sample: cannot read --prime_file: {e}")
+        if not prime:
+            raise SystemExit(f"lstm-jax sample: --prime_file {prime_file} is empty; write one "
+                             f"prime per line (an empty line primes nothing)")
     else:
         prime = fv["prime"].value or None
+    from lstm_jax import loop
+    from lstm_jax import sample as sample_lib
+    _stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
-    model, vocab, config = _friendly(lambda: loop.restore_model(fv["workdir"].value, fv["step"].value), debug)
+    model, vocab, config = _friendly(lambda: loop.restore_model(workdir, fv["step"].value), debug)
     try:
         _friendly(lambda: sample_lib.write_samples(
-            model, vocab, fv["out"].value, num_samples=fv["num_samples"].value,
+            model, vocab, out, num_samples=fv["num_samples"].value,
             length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
             top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
             chunk_size=fv["chunk_size"].value, unknown="drop" if fv["drop_unknown"].value else "error",
@@ -219,15 +290,26 @@ def evaluate(argv: Sequence[str]) -> int:
     flags.DEFINE_integer("step", None, "checkpoint step (default: the newest readable)", flag_values=fv)
     flags.DEFINE_bool("drop_unknown", False, "drop (and count) characters outside the run's vocabulary instead of failing", flag_values=fv)
     flags.DEFINE_integer("streams", 64, "parallel streams the text is cut into (each read with its state carried)", flag_values=fv)
+    flags.DEFINE_bool("log", True, "append the result to <workdir>/eval.jsonl (--nolog for a read-only workdir)", flag_values=fv)
+    flags.DEFINE_enum("encoding_errors", "strict", ["strict", "replace", "ignore"], "--text: how undecodable bytes are handled", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     _define_common(fv)
     _parse(fv, argv, "eval")
     import json
     import pathlib
-    from lstm_jax import corpora, loop
-    debug, path = fv["debug"].value, fv["text"].value
-    text = _friendly(lambda: corpora.load_text(path), debug) if path else None
-    result = _friendly(lambda: loop.evaluate_text(fv["workdir"].value, text, step=fv["step"].value,
+    from lstm_jax import corpora
+    debug, path, workdir = fv["debug"].value, _path(fv["text"].value), pathlib.Path(_path(fv["workdir"].value))
+    log = workdir / "eval.jsonl"
+    if fv["log"].value and workdir.is_dir() and not os.access(log if log.exists() else workdir, os.W_OK):
+        raise SystemExit(f"lstm-jax eval: cannot write {log} (a read-only workdir?), where eval "
+                         f"appends each result; make it writable, or pass --nolog")
+    text = _friendly(lambda: corpora.load_text(path, flag="--text", errors=fv["encoding_errors"].value,
+                                               errors_flag="--encoding_errors"), debug) if path else None
+    from lstm_jax import loop
+    _stop_if_signalled(then_raise=True)
+    if text is None:
+        _friendly(lambda: _check_prepared_unchanged(workdir, fv["step"].value), debug)
+    result = _friendly(lambda: loop.evaluate_text(workdir, text, step=fv["step"].value,
                                                   drop_unknown=fv["drop_unknown"].value,
                                                   streams=fv["streams"].value), debug)
     result["source"] = path or result["source"]
@@ -235,27 +317,74 @@ def evaluate(argv: Sequence[str]) -> int:
           f"{result['chars']:,} chars in {result['streams']} stream{'s' * (result['streams'] > 1)}, "
           f"step {result['step']}"
           + (f"; dropped {result['dropped_unknown']:,} unknown chars" if result["dropped_unknown"] else ""))
-    with open(pathlib.Path(fv["workdir"].value) / "eval.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
+    def append():
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+    if fv["log"].value:
+        _friendly(append, debug)
     return 0
+
+
+def _check_prepared_unchanged(workdir, step: Optional[int]) -> None:
+    """A run trained from `prepared:DIR` records the prepared corpus's fingerprint in its
+    checkpoints; evaluating its held-out split refuses a DIR prepared again from another text."""
+    import json
+    import pathlib
+    from lstm_jax import checkpoint, data
+    try:
+        corpus = json.loads((pathlib.Path(workdir) / "config.json").read_text())["corpus"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # not a workdir: evaluate_text says so
+    if not str(corpus).startswith("prepared:"):
+        return
+    directory = pathlib.Path(corpus.split(":", 1)[1])
+    try:
+        now = json.loads((directory / "meta.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return   # load_prepared names what is wrong with it
+    try:
+        checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    except checkpoint.CheckpointError:
+        return
+    try:
+        for s in [step] if step is not None else reversed(checkpointer.all_steps()):
+            try:
+                trained = checkpointer.metadata(s).get("corpus_fingerprint")
+            except Exception:  # noqa: BLE001 - an unreadable step: the restore reports or skips it
+                continue
+            if trained and now and trained != now:
+                raise data.DataError(
+                    f"{directory} holds another corpus than the one {workdir} was trained on (it was "
+                    f"prepared again since); evaluate another text with --text FILE, or prepare the "
+                    f"original corpus into {directory} again")
+            return
+    finally:
+        checkpointer.close()
 
 
 def prepare(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("out", None, "output directory for train.bin, val.bin, vocab.json", flag_values=fv)
+    flags.DEFINE_bool("replace", False, "overwrite a corpus already prepared in --out (runs trained from it then refuse to eval on it)", flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
     _define_common(fv)
     argv = _define_config(fv, argv)
     _parse(fv, argv, "prepare", _config_help())
-    config = fv["config"].value
-    from lstm_jax import corpora, data
+    config, out = fv["config"].value, _path(fv["out"].value)
+    from lstm_jax import config as config_lib, corpora, data
+    _stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
+    try:
+        config_lib.validate(config)
+        data.check_prepare_out(out, fv["replace"].value)
+    except ValueError as e:
+        raise SystemExit(f"lstm-jax prepare: {e}")
     text = _friendly(lambda: corpora.load_text(config.corpus, lowercase=config.lowercase,
                                                errors=config.encoding_errors), debug)
-    vocab = _friendly(lambda: data.prepare(text, fv["out"].value, config.val_fraction,
+    vocab = _friendly(lambda: data.prepare(text, out, config.val_fraction, replace=fv["replace"].value,
                                            vocab=data.Vocab.from_text(text, kind=config.vocab)), debug)
-    print(f"prepared {len(text):,} chars, vocab {len(vocab)}, in {fv['out'].value}; "
-          f"train with --config.corpus=prepared:{fv['out'].value}")
+    print(f"prepared {len(text):,} chars, vocab {len(vocab)}, in {out}; "
+          f"train with --config.corpus=prepared:{out}")
     return 0
 
 
@@ -268,10 +397,19 @@ def plot(argv: Sequence[str]) -> int:
     _define_common(fv)
     _parse(fv, argv, "plot")
     from lstm_jax import plot as plot_lib
-    _friendly(lambda: plot_lib.plot_runs(fv["workdir"].value, fv["out"].value,
+    out = _path(fv["out"].value)
+    if os.path.isdir(out):
+        raise SystemExit(f"lstm-jax plot: --out {out} is a directory; name a PNG file, such as "
+                         f"{os.path.join(out, 'loss.png')}")
+    if not os.path.splitext(out)[1]:   # matplotlib would write OUT.png
+        raise SystemExit(f"lstm-jax plot: --out {out} has no file extension; name a PNG file, "
+                         f"such as {out}.png")
+    if not os.path.isdir(os.path.dirname(out) or "."):
+        raise SystemExit(f"lstm-jax plot: the directory of --out {out} does not exist; create it first")
+    _friendly(lambda: plot_lib.plot_runs([_path(w) for w in fv["workdir"].value], out,
                                          keras_reference=fv["keras_reference"].value),
               fv["debug"].value)
-    print(f"wrote {fv['out'].value}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -362,8 +500,24 @@ def _main(argv: Sequence[str]) -> int:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"lstm-jax: unknown command {command!r}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
-    return {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot}[command](
-        [f"lstm-jax {command}"] + argv[2:]) or 0
+    run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot}[command]
+    try:
+        with _StartupSignals() as startup:
+            _STARTUP.append(startup)
+            try:
+                code = run([f"lstm-jax {command}"] + argv[2:]) or 0
+                if code == 0:
+                    _stop_if_signalled()   # a signal after the loop's own handler was removed
+                return code
+            finally:
+                _STARTUP.remove(startup)
+    except (KeyboardInterrupt, _Terminated) as e:
+        if "--debug" in argv:
+            raise
+        name, code = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+        print(f"lstm-jax {command}: stopped by {name}" + ("; nothing already saved is lost (train "
+              "again to resume from the last checkpoint)" if command == "train" else ""), file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

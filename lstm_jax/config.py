@@ -227,9 +227,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"parallel.mode must be 'mesh' or 'pmap', got {config.parallel.mode!r}")
     if config.encoding_errors not in ("strict", "replace", "ignore"):
         raise ValueError("encoding_errors must be strict, replace or ignore")
-    for t in config.sample.temperatures:
-        if not t >= 0 or t == float("inf"):
-            raise ValueError(f"sample.temperatures must be finite and >= 0, got {t!r}")
+    temps = config.sample.temperatures
+    bad = [t for t in temps if not _is_number(t) or not math.isfinite(t) or t < 0] if isinstance(
+        temps, (tuple, list)) and temps else [temps]
+    if bad:
+        raise ValueError(f"sample.temperatures must be finite numbers >= 0, such as "
+                         f"'(0.2,0.5,1.0)'; {bad[0]!r} is not")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or not 0 <= config.seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {config.seed!r}")
+    if not _is_number(config.optimizer.final_lr_fraction) or not 0 <= config.optimizer.final_lr_fraction <= 1:
+        raise ValueError(f"optimizer.final_lr_fraction must be in [0, 1] (the cosine's end as a "
+                         f"fraction of learning_rate), got {config.optimizer.final_lr_fraction!r}")
+    if config.optimizer.warmup_steps < 0:
+        raise ValueError(f"optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps!r}")
+    for name in ("model.dtype", "model.param_dtype"):
+        if _get(config, name) not in ("float32", "bfloat16"):
+            raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {_get(config, name)!r}")
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout!r}")
+    if config.checkpoint.max_to_keep < 1:
+        raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep!r}")
+    if not isinstance(config.sample.prime, str):
+        raise ValueError(f"sample.prime must be a string, got {config.sample.prime!r}")
+    for name, low in (("parallel.num_devices", 0), ("parallel.cpu_devices", -1),
+                      ("parallel.num_processes", 0), ("parallel.process_id", -1)):
+        if _get(config, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {_get(config, name)!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

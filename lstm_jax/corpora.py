@@ -75,7 +75,7 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str) -> pathlib.Pat
     return dest
 
 
-def _decode(data: bytes, origin: str, errors: str) -> str:
+def _decode(data: bytes, origin: str, errors: str, errors_flag: str = "--config.encoding_errors") -> str:
     """Decode UTF-8, turning a strict-mode failure into a message that pinpoints the bad bytes."""
     try:
         return data.decode("utf-8", errors)
@@ -85,7 +85,7 @@ def _decode(data: bytes, origin: str, errors: str) -> str:
         raise CorpusError(
             f"{origin} is not valid UTF-8 at byte offset {e.start} (line {line}, column "
             f"{column}): bytes {data[e.start:e.end]!r} ({e.reason}). Fix: pass "
-            f"--config.encoding_errors=replace (or ignore), or re-encode the file as UTF-8 "
+            f"{errors_flag}=replace (or ignore), or re-encode the file as UTF-8 "
             f"(e.g. iconv -f latin1 -t utf-8)."
         ) from None
 
@@ -123,7 +123,8 @@ def _load_registered(name: str, data_dir: str | None) -> bytes:
     return download(url, cached, sha256).read_bytes()
 
 
-def _load_files(pattern: str, errors: str) -> str:
+def _load_files(pattern: str, errors: str, flag: str = "--config.corpus",
+                errors_flag: str = "--config.encoding_errors") -> str:
     """Read one file, or every file a glob matches (sorted), joined by newlines."""
     expanded = os.path.expanduser(pattern)
     if _GLOB_CHARS & set(pattern):
@@ -135,11 +136,20 @@ def _load_files(pattern: str, errors: str) -> str:
             what = "is a directory; use a glob such as dir/*.txt"
         else:
             what = "matches no files" if _GLOB_CHARS & set(pattern) else "does not exist"
+        if flag != "--config.corpus":
+            raise CorpusError(f"{flag} {pattern!r} {what}; pass an existing UTF-8 text file")
         raise CorpusError(
             f"corpus path {pattern!r} {what}. Set --config.corpus to an existing text file "
             f"or glob, or to 'builtin' (offline) or one of {sorted(REGISTRY)}."
         )
-    return "\n".join(_decode(pathlib.Path(p).read_bytes(), p, errors) for p in paths)
+    return "\n".join(_decode(_read(p), p, errors, errors_flag) for p in paths)
+
+
+def _read(path: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise CorpusError(f"cannot read {path}: {e.strerror}") from None
 
 
 def _load_tfds(source: str, errors: str) -> str:
@@ -180,8 +190,12 @@ def load_text(
     data_dir: str | None = None,
     lowercase: bool = False,
     errors: str = "strict",
+    flag: str = "--config.corpus",
+    errors_flag: str = "--config.encoding_errors",
 ) -> str:
-    """Resolve ``source`` ("builtin", a registered name, "tfds:...", or a path/glob) to text."""
+    """Resolve ``source`` ("builtin", a registered name, "tfds:...", or a path/glob) to text.
+    `flag` / `errors_flag` name the options the user set, for the error messages (the CLI's
+    `eval --text` reads a file; `train` reads --config.corpus)."""
     if errors not in _ERROR_MODES:
         raise CorpusError(f"encoding errors mode {errors!r} is invalid; use one of {_ERROR_MODES}.")
     if source == "builtin":
@@ -191,12 +205,13 @@ def load_text(
     elif source.startswith("tfds:"):
         text = _load_tfds(source, errors)
     else:
-        text = _load_files(source, errors)
+        text = _load_files(source, errors, flag, errors_flag)
     if lowercase:
         text = text.lower()
     if not text:
         raise CorpusError(
-            f"corpus {source!r} is empty (0 characters); point it at a non-empty text "
-            f"file or use 'builtin'."
+            f"{'corpus' if flag == '--config.corpus' else flag} {source!r} is empty (0 "
+            f"characters); point it at a non-empty text file"
+            + (" or use 'builtin'." if flag == "--config.corpus" else ".")
         )
     return text

@@ -127,12 +127,12 @@ class Vocab:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: os.PathLike) -> "Vocab":
+    def load(cls, path: os.PathLike, fix: str = "restore it from the run's checkpoint metadata "
+                                                "or start afresh with --new_run") -> "Vocab":
         try:
             return cls.from_json(pathlib.Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"cannot read the vocabulary {path}: {e}; restore it from the run's "
-                            f"checkpoint metadata or start afresh with --new_run") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DataError(f"cannot read the vocabulary {path}: {e}; {fix}") from None
 
 
 _BYTE_CHARS = tuple(chr(i) for i in range(256))
@@ -304,9 +304,29 @@ def pad_rows(rows: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --- prepared (memory-mapped) corpora ---------------------------------------------------------
 
-def prepare(text: str, out_dir: os.PathLike, val_fraction: float, vocab: Optional[Vocab] = None) -> Vocab:
-    """Encodes once and writes train.bin / val.bin (raw indices) + vocab.json + meta.json."""
+PREPARED_FILES = ("train.bin", "val.bin", "vocab.json", "meta.json")
+
+
+def check_prepare_out(out_dir: os.PathLike, replace: bool = False) -> None:
+    """Refuses an output that is not a directory, or (unless `replace`) one that already holds a
+    prepared corpus: runs trained from it record its fingerprint, and replacing it silently would
+    make their `eval` measure another text."""
     out = pathlib.Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; choose a directory path")
+    existing = [name for name in PREPARED_FILES if (out / name).exists()]
+    if existing and not replace:
+        raise DataError(f"{out} already holds a prepared corpus ({', '.join(existing)}); choose "
+                        f"another --out, or pass --replace to overwrite it (runs trained from it "
+                        f"will then refuse to eval on it)")
+
+
+def prepare(text: str, out_dir: os.PathLike, val_fraction: float, vocab: Optional[Vocab] = None,
+            replace: bool = False) -> Vocab:
+    """Encodes once and writes train.bin / val.bin (raw indices) + vocab.json + meta.json.
+    An existing prepared corpus in `out_dir` is refused unless `replace`."""
+    out = pathlib.Path(out_dir)
+    check_prepare_out(out, replace)
     out.mkdir(parents=True, exist_ok=True)
     vocab = vocab or Vocab.from_text(text)
     train, val = split_tokens(vocab.encode(text), val_fraction)
@@ -327,15 +347,36 @@ def load_prepared(directory: os.PathLike, with_meta: bool = False):
     """Memory-maps a `prepare`d corpus: nothing is read until a batch touches it.
     Returns (vocab, train, val), plus meta.json's dict if `with_meta`."""
     d = pathlib.Path(directory)
+    again = f"prepare it again: lstm-jax prepare --config ... --out {d} --replace"
     if not (d / "meta.json").is_file():
         raise DataError(f"{d} is not a prepared corpus (no meta.json); create it with "
                         f"`lstm-jax prepare --config ... --out {d}`")
-    meta = json.loads((d / "meta.json").read_text())
-    vocab = Vocab.load(d / "vocab.json")
-    # np.memmap cannot map an empty file (val_fraction=0 writes an empty val.bin)
-    arrays = [np.memmap(d / name, dtype=meta["dtype"], mode="r", shape=(meta[key],)) if meta[key]
-              else np.zeros((0,), meta["dtype"])
-              for name, key in (("train.bin", "train_tokens"), ("val.bin", "val_tokens"))]
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+        dtype = np.dtype(meta["dtype"])
+        sizes = {"train.bin": int(meta["train_tokens"]), "val.bin": int(meta["val_tokens"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"the prepared corpus's {d / 'meta.json'} is unreadable ({e}); {again}") from None
+    vocab = Vocab.load(d / "vocab.json", fix=again)
+    if dtype != vocab.dtype:
+        raise DataError(f"{d / 'meta.json'} says dtype {dtype.name}, its vocabulary of "
+                        f"{len(vocab)} needs {vocab.dtype.name}; {again}")
+    arrays = []
+    for name, n in sizes.items():
+        size = (d / name).stat().st_size if (d / name).is_file() else None
+        if size != n * dtype.itemsize:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise DataError(f"{d / name} {found}, meta.json expects {n:,} tokens "
+                            f"({n * dtype.itemsize:,} bytes): a truncated or replaced file; {again}")
+        # np.memmap cannot map an empty file (val_fraction=0 writes an empty val.bin)
+        arrays.append(np.memmap(d / name, dtype=dtype, mode="r", shape=(n,)) if n
+                      else np.zeros((0,), dtype))
+    if len(vocab) < np.iinfo(dtype).max + 1:   # ids the dtype can hold but the vocabulary lacks
+        for name, arr in zip(sizes, arrays):
+            top = max((int(arr[i:i + (1 << 24)].max()) for i in range(0, len(arr), 1 << 24)), default=0)
+            if top >= len(vocab):
+                raise DataError(f"{d / name} holds token id {top}, outside its vocabulary of "
+                                f"{len(vocab)} (vocab.json and the arrays do not belong together); {again}")
     return (vocab, arrays[0], arrays[1], meta) if with_meta else (vocab, arrays[0], arrays[1])
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 # The Keras reference, mean training loss per epoch.
 KERAS_HERE = {"epoch": [1, 2], "loss": [2.0465, 1.6548], "elapsed_s": [86, 176]}  # Keras 3.15, 2-core CPU
 KERAS_BOOK = {"epoch": [1, 4, 20, 50, 59], "loss": [1.9895, 1.4973, 1.3391, 1.30, 14.57]}
+LOSS_KEYS = ("train_loss", "val_loss", "val_last_loss")   # the curves drawn, in this order
 SEED_TARGET = 1.34  # the Keras reference's epoch-20 training loss: the bar for val_last_loss
 
 
@@ -47,11 +48,16 @@ def plot_runs(workdirs: Sequence[str], out: str, *, keras_reference: bool = True
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ValueError('plotting needs matplotlib: pip install ".[plot]"') from e
+    runs = [(workdir, read_metrics(workdir)) for workdir in workdirs]
+    for workdir, records in runs:   # checked before anything is drawn or written
+        if not any(key in r for r in records for key in LOSS_KEYS):
+            raise ValueError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} has no loss events to plot "
+                             f"({len(records)} readable lines); train longer (a training event is "
+                             f"logged every log_every steps) or drop this --workdir")
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for workdir in workdirs:
-        records = read_metrics(workdir)
+    for workdir, records in runs:
         name = pathlib.Path(workdir).name
-        for key, style in (("train_loss", "-"), ("val_loss", "--"), ("val_last_loss", ":")):
+        for key, style in zip(LOSS_KEYS, ("-", "--", ":")):
             pts = [(r["elapsed_s"], r["epoch"], r[key]) for r in records if key in r]
             if not pts:
                 continue

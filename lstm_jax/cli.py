@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from absl import flags
@@ -269,6 +270,7 @@ def sample(argv: Sequence[str]) -> int:
     from lstm_jax import sample as sample_lib
     _stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
+    _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=False), debug)
     model, vocab, config = _friendly(lambda: loop.restore_model(workdir, fv["step"].value), debug)
     try:
         _friendly(lambda: sample_lib.write_samples(
@@ -307,8 +309,7 @@ def evaluate(argv: Sequence[str]) -> int:
                                                errors_flag="--encoding_errors"), debug) if path else None
     from lstm_jax import loop
     _stop_if_signalled(then_raise=True)
-    if text is None:
-        _friendly(lambda: _check_prepared_unchanged(workdir, fv["step"].value), debug)
+    _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=text is None), debug)
     result = _friendly(lambda: loop.evaluate_text(workdir, text, step=fv["step"].value,
                                                   drop_unknown=fv["drop_unknown"].value,
                                                   streams=fv["streams"].value), debug)
@@ -325,41 +326,58 @@ def evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
-def _check_prepared_unchanged(workdir, step: Optional[int]) -> None:
-    """A run trained from `prepared:DIR` records the prepared corpus's fingerprint in its
-    checkpoints; evaluating its held-out split refuses a DIR prepared again from another text."""
+def _check_workdir(workdir, step: Optional[int], held_out: bool) -> None:
+    """What `sample` and `eval` read beside the checkpoint must be what it was trained with (its
+    metadata records both): vocab.json (an edited one decoded every sample wrongly, or failed
+    as an 'unreadable' checkpoint), and, for `eval` of the held-out split (`held_out`) of a run
+    trained from `prepared:DIR`, the prepared corpus (a DIR prepared again from another text was
+    measured instead). Anything else wrong is left to the restore, which names it."""
     import json
     import pathlib
     from lstm_jax import checkpoint, data
+    workdir = pathlib.Path(workdir)
     try:
-        corpus = json.loads((pathlib.Path(workdir) / "config.json").read_text())["corpus"]
+        checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    except checkpoint.CheckpointError:
+        return
+    try:
+        meta = None
+        for s in [step] if step is not None else reversed(checkpointer.all_steps()):
+            try:
+                meta = checkpointer.metadata(s)
+                break
+            except Exception:  # noqa: BLE001 - an unreadable step: the restore reports or skips it
+                continue
+    finally:
+        checkpointer.close()
+    if meta is None:
+        return
+    try:
+        chars = json.loads((workdir / "vocab.json").read_text(encoding="utf-8"))["chars"]
     except (OSError, ValueError, KeyError, TypeError):
-        return   # not a workdir: evaluate_text says so
-    if not str(corpus).startswith("prepared:"):
+        chars = None   # unreadable: Vocab.load names it
+    if chars is not None and "vocab" in meta and list(chars) != list(meta["vocab"]):
+        raise data.DataError(
+            f"{workdir / 'vocab.json'} ({len(chars)} chars) is not the vocabulary the checkpoints "
+            f"were trained with ({len(meta['vocab'])} chars); restore the original (a `train` "
+            f"resume of this workdir rewrites it from the checkpoint's metadata)")
+    try:
+        corpus = json.loads((workdir / "config.json").read_text())["corpus"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return   # not a workdir: the restore says so
+    if not held_out or not str(corpus).startswith("prepared:"):
         return
     directory = pathlib.Path(corpus.split(":", 1)[1])
     try:
         now = json.loads((directory / "meta.json").read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return   # load_prepared names what is wrong with it
-    try:
-        checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
-    except checkpoint.CheckpointError:
-        return
-    try:
-        for s in [step] if step is not None else reversed(checkpointer.all_steps()):
-            try:
-                trained = checkpointer.metadata(s).get("corpus_fingerprint")
-            except Exception:  # noqa: BLE001 - an unreadable step: the restore reports or skips it
-                continue
-            if trained and now and trained != now:
-                raise data.DataError(
-                    f"{directory} holds another corpus than the one {workdir} was trained on (it was "
-                    f"prepared again since); evaluate another text with --text FILE, or prepare the "
-                    f"original corpus into {directory} again")
-            return
-    finally:
-        checkpointer.close()
+    trained = meta.get("corpus_fingerprint")
+    if trained and now and trained != now:
+        raise data.DataError(
+            f"{directory} holds another corpus than the one {workdir} was trained on (it was "
+            f"prepared again since); evaluate another text with --text FILE, or prepare the "
+            f"original corpus into {directory} again")
 
 
 def prepare(argv: Sequence[str]) -> int:
@@ -454,9 +472,10 @@ class _DropLibraryErrors(logging.Filter):
 @contextlib.contextmanager
 def _quiet_library_tracebacks(debug: bool):
     """Orbax and TensorStore report a failed background save (a full disk, say) as logged
-    tracebacks, and their callbacks print asyncio's 'Event loop is closed' through sys.excepthook,
-    before and after the save's error reaches `_friendly`, which reports it in one line. Muted
-    while a command runs and, after an error, until the process exits; --debug keeps them."""
+    tracebacks, and their callbacks print asyncio's 'Event loop is closed' through sys.excepthook
+    and sys.unraisablehook, before and after the save's error reaches `_friendly`, which reports it
+    in one line. Muted while a command runs and, after an error, until the process exits (the
+    unraisable ones always: `_drop_asyncio_noise`); --debug keeps them."""
     if debug:
         yield
         return
@@ -464,10 +483,37 @@ def _quiet_library_tracebacks(debug: bool):
     for logger in loggers:
         logger.addFilter(drop)
     sys.excepthook = lambda *exc: None
+    if sys.unraisablehook is not _drop_asyncio_noise:   # kept to the exit: callbacks run late
+        _drop_asyncio_noise.previous = sys.unraisablehook
+        sys.unraisablehook = _drop_asyncio_noise
     yield    # on an error, stay muted: the command exits, and pending callbacks print on the way out
     sys.excepthook = hook
     for logger in loggers:
         logger.removeFilter(drop)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own warnings (a stale lock taken over, an unreadable checkpoint set aside) in
+    one line each, not Python's two (the second being the source line that warned)."""
+    if f"{os.sep}lstm_jax{os.sep}" in filename:
+        print(f"lstm-jax: warning: {message}", file=file or sys.stderr)
+    else:
+        _show_warning.previous(message, category, filename, lineno, file, line)
+
+
+def _drop_asyncio_noise(info) -> None:
+    """TensorStore's callbacks into Orbax's closed event loop, after a restore that failed (an
+    unreadable checkpoint the trainer set aside) or a failed save, end as 'unraisable'
+    RuntimeErrors ('Event loop is closed', one traceback each: 132 lines for one bad step) or
+    coroutines never awaited. The error that matters is reported in one line; drop these."""
+    import asyncio
+    if (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)
+            or asyncio.iscoroutine(info.object)):
+        return
+    _drop_asyncio_noise.previous(info)
+
+
+_drop_asyncio_noise.previous = sys.unraisablehook
 
 
 def _os_error_in(e: BaseException) -> Optional[OSError]:
@@ -502,7 +548,8 @@ def _main(argv: Sequence[str]) -> int:
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
     run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot}[command]
     try:
-        with _StartupSignals() as startup:
+        with _StartupSignals() as startup, warnings.catch_warnings():
+            _show_warning.previous, warnings.showwarning = warnings.showwarning, _show_warning
             _STARTUP.append(startup)
             try:
                 code = run([f"lstm-jax {command}"] + argv[2:]) or 0

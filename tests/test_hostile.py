@@ -223,3 +223,46 @@ def test_a_signal_while_jax_loads_stops_with_its_exit_code(tmp_path, corpus, sig
     assert "done: step" not in out, out
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and f"stopped by {sig.name}" in lines[0], err
+
+
+# --- rows 10, 17: warnings in one line each, no library tracebacks --------------------------------
+
+def test_a_stale_lock_and_an_unreadable_checkpoint_are_one_warning_line_each(tmp_path, corpus):
+    """Rows 10 and 17. A workdir left by a killed trainer (its lock) whose latest checkpoint holds
+    garbage: the next `train` takes the lock over and falls back to the previous step, saying so
+    in two lines. Fails on Python's two-line warning format (the warning "printed twice") or
+    TensorStore's "Event loop is closed" tracebacks (132 lines)."""
+    import socket
+    workdir = tmp_path / "run"
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={corpus}",
+                   "--config.max_steps=20", "--noprogress") == 0
+    for f in (workdir / "checkpoints" / "20" / "state").rglob("d/*"):
+        f.write_bytes(os.urandom(300))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (workdir / "lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                              "started": time.time()}))
+    proc = subprocess.run([sys.executable, "-m", "lstm_jax.cli", "train", *TINY, "--workdir", str(workdir),
+                           f"--config.corpus={corpus}", "--config.max_steps=25", "--noprogress"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and "done: step 25" in proc.stdout, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, proc.stderr[-3000:]
+    assert lines[0].startswith("lstm-jax: warning: taking over the stale lock"), lines
+    assert lines[1].startswith("lstm-jax: warning: checkpoint step 20") and "using step 10" in lines[1], lines
+    assert (workdir / "unreadable_checkpoints" / "20").is_dir()
+
+
+def test_an_edited_vocab_json_is_named_by_sample_and_eval(tmp_path, trained):
+    """Row 5. Fails if sample/eval blame the checkpoints ("no readable checkpoint") or decode
+    with a vocabulary the model was not trained with."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    vocab = json.loads((workdir / "vocab.json").read_text())
+    vocab["chars"] = vocab["chars"][:-5]
+    (workdir / "vocab.json").write_text(json.dumps(vocab))
+    for command in ("sample", "eval"):
+        message = expect_exit("vocab.json", command, "--workdir", str(workdir))
+        assert "is not the vocabulary the checkpoints were trained with" in message, message

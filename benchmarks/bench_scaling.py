@@ -4,7 +4,7 @@ Each layout runs in its own worker subprocess, because the CPU device count must
 `--xla_force_host_platform_device_count=N`) before JAX starts:
 
   1x1, 1x2, 1x4, 1x8   one process with 1, 2, 4, 8 (fake) CPU devices: the mesh step
-                       (lstm_jax.train.make_train_step on a ('data',) mesh, state replicated, the
+                       (lstm_jax.steps.make_train_step on a ('data',) mesh, state replicated, the
                        global batch sharded), exactly what `lstm-jax train` runs
   2x1                  (optional, --layouts) two processes x 1 device, jax.distributed over
                        127.0.0.1 with gloo collectives: the multi-host path on one machine
@@ -61,7 +61,7 @@ def worker(spec: dict) -> dict:
         parallel.initialize_distributed(spec["coordinator"], spec["processes"], spec["process_id"])
     import jax
     import numpy as np
-    from lstm_jax import config as config_lib, train
+    from lstm_jax import config as config_lib, steps
 
     mesh = parallel.make_mesh()
     out = {"layout": spec["layout"], "processes": jax.process_count(),
@@ -74,10 +74,10 @@ def worker(spec: dict) -> dict:
         cfg.seq_len, cfg.batch_size = wl["seq"], wl["batch"]
         cfg.model.hidden_size, cfg.model.num_layers = wl["hidden"], wl["layers"]
         cfg.optimizer.schedule = "constant"
-        batch = train.global_batch_size(cfg, mesh)
-        tx = train.make_optimizer(cfg, 1000)
-        graphdef, state = train.init_state(cfg, train.model_config(cfg, wl["vocab"]), tx, mesh)
-        step = train.make_train_step(graphdef, tx, cfg)
+        batch = steps.global_batch_size(cfg, mesh)
+        tx = steps.make_optimizer(cfg, 1000)
+        graphdef, state = steps.init_state(cfg, steps.model_config(cfg, wl["vocab"]), tx, mesh)
+        step = steps.make_train_step(graphdef, tx, cfg)
         rows = parallel.process_rows(batch)
         rng = np.random.default_rng(0)
         batches = [parallel.to_global(

@@ -26,7 +26,7 @@ sequence (same model, loss at every position; target chars/s), large (H=512, B=6
 sequence objective), grid1/grid2/grid3 (1/2/3 layers x hidden 128-1024, B=64, T=50, sequence
 objective; "grid" = all three).
 
-The step is the project's own (lstm_jax.train.make_train_step: jitted, state donated, RMSprop;
+The step is the project's own (lstm_jax.steps.make_train_step: jitted, state donated, RMSprop;
 clipping off and constant lr, as the Keras reference and the PyTorch baseline). Reported per variant: the
 median (and best) of `--repeats` interleaved repeats of ~`--min-time` s each, after compile and
 warm-up, ending in block_until_ready; model GFLOP/s (matmul FLOPs, backward = 2x forward) and the
@@ -150,10 +150,10 @@ def _gemm_peak(repeats: int = 5) -> dict:
 
 
 def _make_step(wl: dict, var: dict):
-    """The project's own train step (lstm_jax.train.make_train_step) on a ('data',) mesh."""
+    """The project's own train step (lstm_jax.steps.make_train_step) on a ('data',) mesh."""
     import jax
     import jax.numpy as jnp
-    from lstm_jax import config as config_lib, parallel, train
+    from lstm_jax import config as config_lib, parallel, steps as train   # the steps module (was train.py)
 
     cfg = config_lib.get_config()
     cfg.objective = wl["objective"]

@@ -1,6 +1,6 @@
 """Where the train step's time goes: a jax.profiler trace of the Keras reference model's step, summed per XLA op.
 
-Runs the project's train step (lstm_jax.train.make_train_step, the CLI's host settings) for the Keras reference
+Runs the project's train step (lstm_jax.steps.make_train_step, the CLI's host settings) for the Keras reference
 model (LSTM(128), vocab 57, B=128, T=60, window objective; or the shape given by --hidden, --layers,
 --batch, --seq, --vocab, --objective and --config), traces `--steps`
 steps with `jax.profiler.trace(create_perfetto_trace=True)`, and sums the XLA:CPU thunk events by
@@ -55,7 +55,7 @@ def main() -> None:
     hostenv.configure_cpu_devices(args.devices)
     import jax
     import numpy as np
-    from lstm_jax import parallel, train
+    from lstm_jax import parallel, steps as train   # the steps module (was train.py)
     from lstm_jax.config import load_config_file
 
     config = load_config_file(args.config)

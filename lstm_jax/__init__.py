@@ -14,8 +14,8 @@ from lstm_jax.data import Vocab
 
 # Imported on first use: `import lstm_jax` (and so the `lstm-jax` command) does not load JAX, so
 # the command line is up, with its signal handling, within a fraction of a second.
-_LAZY = {"CharLSTM": "model", "ModelConfig": "model", "generate": "sample", "TrainResult": "loop",
-         "evaluate_text": "loop", "restore_model": "loop", "train_and_evaluate": "loop"}
+_LAZY = {"CharLSTM": "model", "ModelConfig": "model", "generate": "sample", "TrainResult": "train",
+         "evaluate_text": "evaluate", "restore_model": "checkpoint", "train_and_evaluate": "train"}
 
 
 def __getattr__(name: str):

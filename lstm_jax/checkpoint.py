@@ -1,8 +1,9 @@
-"""A thin wrapper over Orbax's CheckpointManager: <workdir>/checkpoints/<step>/{state,metadata}.
+"""A thin wrapper over Orbax's CheckpointManager: <workdir>/checkpoints/<step>/{state,metadata},
+and `restore_model`: a trained model rebuilt from a workdir alone.
 
 Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it when complete,
 so a process killed mid-save leaves the previous checkpoint as the latest). Retention keeps the last
-`max_to_keep` steps plus the best one by validation loss. A step that cannot be read back (a
+`max_to_keep` steps plus the best one by `best_metric` (val_loss or val_text_bpc). A step that cannot be read back (a
 truncated file, a disk error) is skipped with a warning in favour of the newest readable one, and
 steps a run must not resume from (unreadable, or saved after training diverged) are moved out of
 the manager's directory rather than deleted.
@@ -19,8 +20,15 @@ import warnings
 from typing import Any, Callable, Optional
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
+
+from lstm_jax import config as config_lib
+from lstm_jax import data, parallel, steps
+from lstm_jax import workdir as workdir_lib
+from lstm_jax.model import CharLSTM
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -80,15 +88,12 @@ class Checkpointer:
     def best_step(self) -> Optional[int]:
         return self.manager.best_step()
 
-    def save(self, step: int, state: Any, metadata: dict, val_loss: Optional[float] = None,
-             metrics: Optional[dict] = None) -> None:
-        """Starts an asynchronous save (collective: every process calls it). `metrics` (or
-        `val_loss` alone) rank the checkpoint for keep_best. A save that cannot fit on the disk
+    def save(self, step: int, state: Any, metadata: dict, metrics: Optional[dict] = None) -> None:
+        """Starts an asynchronous save (collective: every process calls it). `metrics` (e.g.
+        {"val_loss": ...}) rank the checkpoint for keep_best. A save that cannot fit on the disk
         is refused before it starts (an OSError ENOSPC): Orbax's background writers would
         otherwise fail halfway, leaving a partial step and their tracebacks."""
         self._check_space(state, metadata)
-        if metrics is None and val_loss is not None:
-            metrics = {"val_loss": val_loss}
         self.manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           metadata=ocp.args.JsonSave(metadata)),
@@ -173,3 +178,42 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# --- restoring a trained model ----------------------------------------------------------------
+
+def restore_model(workdir: str | pathlib.Path, step: Optional[int] = None
+                  ) -> tuple[CharLSTM, data.Vocab, ml_collections.ConfigDict]:
+    """Rebuilds the trained model from a workdir alone (config.json, vocab.json, checkpoint),
+    on whatever devices this process has: `step`, else the newest readable checkpoint."""
+    model, vocab, config, _ = restore_model_at(workdir, step)
+    return model, vocab, config
+
+
+def restore_model_at(workdir: str | pathlib.Path, step: Optional[int] = None
+                     ) -> tuple[CharLSTM, data.Vocab, ml_collections.ConfigDict, int]:
+    """`restore_model` and the step it restored."""
+    workdir = pathlib.Path(workdir)
+    saved = workdir_lib.read_json(workdir / "config.json")
+    if saved is None:
+        raise CheckpointError(f"{workdir} is not a training workdir (no config.json); train "
+                              f"first: lstm-jax train --workdir {workdir}")
+    config = config_lib.from_saved(saved)
+    vocab = data.Vocab.load(workdir / "vocab.json")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        if not checkpointer.all_steps():
+            raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first")
+        mcfg = steps.model_config(config, len(vocab))
+        tx = steps.make_optimizer(config, 1)   # the optimizer state's structure only
+        mesh = parallel.make_mesh()
+
+        def abstract(meta: dict):   # a stream carry is sized by the run's global batch
+            return steps.state_to_tree(steps.abstract_state(
+                config, mcfg, tx, mesh, replicate_all=True,
+                batch=meta.get("global_batch", config.batch_size))[1])
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(mcfg, rngs=nnx.Rngs(0))))
+        at, tree, _, _ = checkpointer.restore_readable(abstract, step)
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, jax.device_get(tree["params"])), vocab, config, at

@@ -199,9 +199,9 @@ def train(argv: Sequence[str]) -> int:
         raise SystemExit(f"lstm-jax train: --workdir {workdir} is a file, not a directory; "
                          f"choose another --workdir")
     _stop_if_signalled()
-    from lstm_jax import train as train_lib   # imports JAX, computes nothing
+    from lstm_jax import data, train as train_lib   # imports JAX, computes nothing
     _stop_if_signalled()
-    corpus = _friendly(lambda: train_lib.load_corpus(config), fv["debug"].value)
+    corpus = _friendly(lambda: data.load_corpus(config), fv["debug"].value)
     _stop_if_signalled()
     if missing := corpus.vocab.unknown_chars(config.sample.prime):
         raise SystemExit(f"lstm-jax train: sample.prime {config.sample.prime!r} has characters "
@@ -209,13 +209,12 @@ def train(argv: Sequence[str]) -> int:
                          f"made of the corpus's characters (or '' for a held-out window)")
     host = _host_setup(config, vocab_size=len(corpus.vocab))
     import jax
-    from lstm_jax import loop
     _stop_if_signalled()
     if jax.process_index() == 0:
         print(host.summary())
         if note := host.confirm(jax.default_backend()):
             print(note)
-    result = _friendly(lambda: loop.train_and_evaluate(
+    result = _friendly(lambda: train_lib.train_and_evaluate(
         config, workdir, new_run=fv["new_run"].value, progress=fv["progress"].value,
         step=fv["step"].value, corpus=corpus), fv["debug"].value)
     if result.preempted:
@@ -266,12 +265,12 @@ def sample(argv: Sequence[str]) -> int:
                              f"prime per line (an empty line primes nothing)")
     else:
         prime = fv["prime"].value or None
-    from lstm_jax import loop
+    from lstm_jax import checkpoint
     from lstm_jax import sample as sample_lib
     _stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
     _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=False), debug)
-    model, vocab, config = _friendly(lambda: loop.restore_model(workdir, fv["step"].value), debug)
+    model, vocab, config = _friendly(lambda: checkpoint.restore_model(workdir, fv["step"].value), debug)
     try:
         _friendly(lambda: sample_lib.write_samples(
             model, vocab, out, num_samples=fv["num_samples"].value,
@@ -307,10 +306,10 @@ def evaluate(argv: Sequence[str]) -> int:
                          f"appends each result; make it writable, or pass --nolog")
     text = _friendly(lambda: corpora.load_text(path, flag="--text", errors=fv["encoding_errors"].value,
                                                errors_flag="--encoding_errors"), debug) if path else None
-    from lstm_jax import loop
+    from lstm_jax import evaluate as evaluate_lib
     _stop_if_signalled(then_raise=True)
     _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=text is None), debug)
-    result = _friendly(lambda: loop.evaluate_text(workdir, text, step=fv["step"].value,
+    result = _friendly(lambda: evaluate_lib.evaluate_text(workdir, text, step=fv["step"].value,
                                                   drop_unknown=fv["drop_unknown"].value,
                                                   streams=fv["streams"].value), debug)
     result["source"] = path or result["source"]
@@ -446,7 +445,7 @@ def _friendly(fn, debug: bool = False):
     """Errors a user causes (bad input, a locked or read-only workdir, a full disk, an unreadable
     checkpoint) become one clear line instead of a traceback; --debug shows the traceback."""
     from lstm_jax import checkpoint, corpora, data, workdir
-    from lstm_jax.train import TrainingError
+    from lstm_jax.steps import TrainingError
     try:
         with _quiet_library_tracebacks(debug):
             return fn()

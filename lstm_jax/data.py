@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import queue
@@ -17,6 +18,8 @@ import threading
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+
+from lstm_jax import corpora
 
 
 class DataError(ValueError):
@@ -378,6 +381,36 @@ def load_prepared(directory: os.PathLike, with_meta: bool = False):
                 raise DataError(f"{d / name} holds token id {top}, outside its vocabulary of "
                                 f"{len(vocab)} (vocab.json and the arrays do not belong together); {again}")
     return (vocab, arrays[0], arrays[1], meta) if with_meta else (vocab, arrays[0], arrays[1])
+
+
+@dataclasses.dataclass
+class Corpus:
+    """A run's text, encoded: the vocabulary, the train/validation split, and the text's hash."""
+    vocab: Vocab
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    fingerprint: str
+
+
+def load_corpus(config, vocab: Optional[Vocab] = None) -> Corpus:
+    """config.corpus -> text -> vocab (built, or the given one) -> encoded train/val split; a
+    `prepared:DIR` corpus is memory-mapped as `prepare` wrote it."""
+    if config.corpus.startswith("prepared:"):
+        directory = config.corpus.split(":", 1)[1]
+        vocab_p, train, val, meta = load_prepared(directory, with_meta=True)
+        if vocab_p.kind != config.vocab:
+            raise DataError(f"{directory} was prepared with vocab={vocab_p.kind!r}, the config "
+                            f"says {config.vocab!r}; prepare it again or set --config.vocab={vocab_p.kind}")
+        if not math.isclose(meta.get("val_fraction", config.val_fraction), config.val_fraction):
+            raise DataError(f"{directory} was prepared with val_fraction={meta['val_fraction']}, "
+                            f"the config says {config.val_fraction}; prepare it again or set "
+                            f"--config.val_fraction={meta['val_fraction']}")
+        return Corpus(vocab_p, train, val,
+                      fingerprint=meta.get("fingerprint", f"prepared:{pathlib.Path(directory).name}"))
+    text = corpora.load_text(config.corpus, lowercase=config.lowercase, errors=config.encoding_errors)
+    vocab = vocab or Vocab.from_text(text, kind=config.vocab)
+    train, val = split_tokens(vocab.encode(text), config.val_fraction)
+    return Corpus(vocab, train, val, corpora.corpus_fingerprint(text))
 
 
 def prefetch(iterable: Iterable, size: int = 2) -> Iterator:

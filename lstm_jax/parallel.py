@@ -1,18 +1,21 @@
-"""Device mesh, shardings, multi-host start-up, and the thin pmap variant of the train step.
+"""Device mesh, shardings, multi-host start-up, and placements: how a run's arrays live on devices.
 
-The default path is SPMD: one `jax.jit` over a ('data',) mesh, state replicated, batches sharded on
-their leading axis. Nothing here knows about LSTMs.
+The default path is SPMD (`MeshPlacement`): one `jax.jit` over a ('data',) mesh, state replicated,
+batches sharded on their leading axis. `PmapPlacement` is the thin `jax.pmap` variant (one copy of
+the state per device) over the same pure step function. The training loop sees only the
+placement's interface. Nothing here knows about LSTMs.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional, Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+PMAP_AXIS = "batch"
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -91,6 +94,11 @@ def replicate_for_pmap(tree, devices: Sequence[jax.Device]):
     return jax.tree.map(lambda x: jax.device_put(np.stack([np.asarray(x)] * len(local)), sharding), tree)
 
 
+def is_main_process() -> bool:
+    """Process 0: the one that writes files and prints."""
+    return jax.process_index() == 0
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches this point (a no-op in a single-process run)."""
     if jax.process_count() > 1:
@@ -116,6 +124,14 @@ def split_for_pmap(tree, devices: Sequence[jax.Device]):
         np.asarray(x).reshape((len(local), -1) + np.shape(x)[1:]), sharding), tree)
 
 
+def gather(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) sharded array as one host array."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of an array sharded over 'data' on its leading axis, in row order."""
     if x.is_fully_addressable:
@@ -124,3 +140,76 @@ def local_rows(x: jax.Array) -> np.ndarray:
     starts = sorted({s.index[0].start or 0 for s in shards})
     return np.concatenate([np.asarray(next(s for s in shards if (s.index[0].start or 0) == a).data)
                            for a in starts])
+
+
+# --- placements: a pure step function and the run's arrays, on a mesh or under pmap ------------
+
+def jit_step(step_fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
+    """`step_fn(state, batch, key, carry_sharding=...)` jitted, state donated; on a `mesh` a
+    stream carry stays sharded like the batch."""
+    return jax.jit(functools.partial(step_fn, carry_sharding=data_sharded(mesh) if mesh else None),
+                   donate_argnums=0)
+
+
+def pmap_step(step_fn: Callable, devices: Optional[Sequence[jax.Device]] = None) -> Callable:
+    """`step_fn(state, batch, key, axis_name=...)` under `jax.pmap` over `devices` (state and
+    batch with a leading device axis, the key shared), state donated."""
+    return jax.pmap(functools.partial(step_fn, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS,
+                    donate_argnums=0, in_axes=(0, 0, None), devices=devices)
+
+
+class MeshPlacement:
+    """The default: the state as built (replicated, a stream carry sharded over 'data'), each
+    batch one global array sharded over 'data', the step jitted."""
+
+    def __init__(self, mesh: Mesh, global_batch: int):
+        self.mesh = mesh
+        self.rows = process_rows(global_batch)    # this process's rows of every global batch
+
+    def compile(self, step_fn: Callable) -> Callable:
+        return jit_step(step_fn, self.mesh)
+
+    def place_state(self, state):
+        return state
+
+    def place_batch(self, rows: np.ndarray):
+        return to_global(rows, self.mesh)
+
+    def global_state(self, state):
+        """The state as arrays over the mesh (what Orbax saves and evaluation reads)."""
+        return state
+
+
+class PmapPlacement(MeshPlacement):
+    """One copy of params and optimizer state per device of the mesh under `jax.pmap`, each
+    device holding its own rows of a stream carry and of every batch."""
+
+    def __init__(self, mesh: Mesh, global_batch: int):
+        super().__init__(mesh, global_batch)
+        self.devices = list(mesh.devices.flat)   # pmap wants the same list on every process
+        self.n_local = sum(d.process_index == jax.process_index() for d in self.devices)
+
+    def compile(self, step_fn: Callable) -> Callable:
+        return pmap_step(step_fn, self.devices)
+
+    def place_state(self, state):
+        placed = replicate_for_pmap(jax.device_get(state.replace(carry=None)), self.devices)
+        carry = jax.tree.map(local_rows, state.carry)
+        return placed.replace(carry=split_for_pmap(carry, self.devices))
+
+    def place_batch(self, rows: np.ndarray):
+        return rows.reshape((self.n_local, -1) + rows.shape[1:])
+
+    def global_state(self, state):
+        """Device 0's copy, replicated over the mesh: pmap's outputs are host-local, which Orbax
+        refuses in a multi-process run; the carry's rows gathered back into one global array."""
+        sharding, mesh = replicated(self.mesh), self.mesh
+        glob = jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x[0])),
+                            state.replace(carry=None))
+        rows = lambda x: to_global(np.asarray(x).reshape((-1,) + x.shape[2:]), mesh)  # noqa: E731
+        return glob.replace(carry=jax.tree.map(rows, state.carry))
+
+
+def placement(mode: str, mesh: Mesh, global_batch: int) -> MeshPlacement:
+    """The placement of `parallel.mode`: 'pmap' or the mesh (anything else)."""
+    return (PmapPlacement if mode == "pmap" else MeshPlacement)(mesh, global_batch)

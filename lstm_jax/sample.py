@@ -42,15 +42,12 @@ speed and can, in rare draws, differ from the same row drawn in a batch.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from typing import Iterator, Optional, Sequence, Union
 
 import jax
@@ -58,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lstm_jax import parallel
+from lstm_jax import parallel, signals
 
 STEP_BUCKET = 64
 MIN_ROWS = 64
@@ -377,11 +374,11 @@ class Sampler:
     def run(self, plan: _Plan) -> Iterator[Samples]:
         """Yields the planned rows chunk by chunk. Each block call is dispatched before the previous
         one's tokens are fetched, so the device never waits for the host; SIGINT/SIGTERM are
-        checked before every block (`stop_on_signals`)."""
+        checked before every block (`signals.StopSignals`)."""
         sharded = self.mesh.devices.size > 1   # else let jit place host arrays: faster per call
         put = (lambda x: jax.device_put(x, parallel.data_sharded(self.mesh))) if sharded else (lambda x: x)
         done, in_flight = 0, None
-        with stop_on_signals() as stop:
+        with signals.StopSignals(once=True) as stop:
             for first in range(0, plan.num_samples, plan.rows):
                 chunk = _Chunk(self, plan, first, put)
                 for b in range(plan.num_blocks):
@@ -467,44 +464,6 @@ class _Chunk:
         return Samples(self.index, self.sampler.decode(tokens), tokens,
                        np.asarray(plan.temps)[self.index % len(plan.temps)],
                        [plan.primes[i % len(plan.primes)] for i in self.index])
-
-
-class stop_on_signals(contextlib.AbstractContextManager):
-    """Within the block, SIGINT and SIGTERM set `signal_name` instead of acting, so the sampler can
-    stop cleanly between blocks. A handler installed before (a trainer's stop flag) is still called;
-    after the first signal the previous handlers are back, so a second Ctrl-C acts at once.
-    Signals set to be ignored stay ignored; outside the main thread nothing is installed."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        self._old: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                old = signal.getsignal(sig)
-                if old is not signal.SIG_IGN:
-                    self._old[sig] = old
-                    signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        old = self._old.get(signum)
-        self._restore()
-        if callable(old) and old is not signal.default_int_handler:
-            old(signum, frame)
-
-    def _restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._old = {}
-
-    def __exit__(self, *exc):
-        self._restore()
-        return False
 
 
 def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 400,

@@ -1,383 +1,315 @@
-"""Pure train/eval steps, the optimizer and its learning-rate schedule, and the train state.
+"""The training loop: `train_and_evaluate(config, workdir)`.
 
-The NNX model is split once (`nnx.split`) into a static graphdef and a params pytree; the hot paths
-are plain functions of pytrees under `jax.jit` (state donated). The mesh path and the pmap path share
-`loss_and_grads` and `apply_update`; they differ only in how arrays are placed and how the step is
-wrapped. The loop that drives them over a run is `lstm_jax.loop.train_and_evaluate`.
+A run, top to bottom: plan it (every input is checked, every derived value computed once, nothing
+written), claim the workdir (one writer), resume or start (the resume contract:
+workdir.resume_differences), then one loop over steps. The loop's periodic work (logging,
+evaluation, checkpoints, samples) is a small named piece each (`lstm_jax.periodic`), timed apart
+from the step rate. The pure step is `steps.train_step`; the placement (`parallel.placement`: a
+mesh, or pmap) wraps it and places the arrays. Only process 0 writes files; every process saves
+checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import math
 import pathlib
-from typing import Any, Callable, Optional
+from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
-from lstm_jax import corpora, data, parallel
+from lstm_jax import checkpoint as ckpt
+from lstm_jax import config as config_lib
+from lstm_jax import data, evaluate, parallel, periodic, steps
+from lstm_jax import workdir as workdir_lib
 from lstm_jax.model import CharLSTM, ModelConfig
+from lstm_jax.periodic import say
 
-LN2 = math.log(2.0)
-
-
-@struct.dataclass
-class TrainState:
-    """Everything that changes during training. The step's RNG is fold_in(seed key, step), so the
-    step counter is the whole RNG state and the data position is (step // steps_per_epoch, rest).
-    `carry` is the LSTM state (h, c) per layer of every stream, (batch, hidden) arrays sharded like
-    the batch, for the stream objective (None otherwise): checkpoints and resumes include it."""
-    step: jax.Array
-    params: nnx.State
-    opt_state: optax.OptState
-    carry: Any = None
-
-
-def state_to_tree(state: TrainState) -> dict:
-    """The state as saved: {step, params, opt_state} plus `carry` for the stream objective (the
-    format of checkpoints written before the carry existed, so those still restore)."""
-    tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    return tree if state.carry is None else {**tree, "carry": state.carry}
-
-
-def state_from_tree(tree: dict) -> TrainState:
-    return TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
-                      carry=tree.get("carry"))
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss); the message says what to change."""
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    m = config.model
-    return ModelConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                       dropout=m.dropout, keras_init=m.keras_init, dtype=m.dtype,
-                       param_dtype=m.param_dtype, backward=m.backward)
-
-
-def lr_segments(config: ml_collections.ConfigDict, total_steps: int) -> list[dict]:
-    """The learning-rate schedule of a fresh run as JSON-able pieces (saved in checkpoints).
-
-    Each piece takes over at step `begin` and follows its own curve from `lr0` at `start` to `lr1`
-    at `end` (`linear` or `cosine`), holding `lr1` after `end`: an optional linear warm-up, then
-    constant or a cosine decay to `final_lr_fraction * learning_rate` at `total_steps`.
-    """
-    o = config.optimizer
-    lr, warmup = o.learning_rate, min(o.warmup_steps, total_steps)
-    pieces = [_piece(0, 0, warmup, 0.0, lr, "linear")] if warmup else []
-    if o.schedule == "cosine":
-        pieces.append(_piece(warmup, warmup, max(total_steps, warmup + 1), lr,
-                             lr * o.final_lr_fraction, "cosine"))
-    else:
-        pieces.append(_piece(warmup, warmup, warmup, lr, lr, "linear"))
-    return pieces
-
-
-def continue_lr_segments(pieces: list[dict], config: ml_collections.ConfigDict, step: int,
-                         total_steps: int) -> tuple[list[dict], str]:
-    """The schedule of a run resumed at `step` with a new length `total_steps`, continuous at
-    `step`, and a sentence saying what it does. A cosine run decays from its current rate to the
-    same final rate at the new end (a run that had finished holds its final rate: a constant tail);
-    a constant schedule does not depend on the length."""
-    horizon = max(p["end"] for p in pieces)
-    if config.optimizer.schedule != "cosine" or total_steps == horizon or total_steps <= step:
-        return pieces, ""
-    final = config.optimizer.learning_rate * config.optimizer.final_lr_fraction
-    if step <= min(config.optimizer.warmup_steps, horizon):   # still warming up: same warm-up
-        return lr_segments(config, total_steps), (
-            f"the warm-up continues, then the cosine decays to {final:.3g} at step {total_steps}")
-    now = lr_at(pieces, step)
-    pieces = pieces + [_piece(step, step, total_steps, now, final, "cosine")]
-    how = ("stays at its final value" if math.isclose(now, final, rel_tol=1e-6)
-           else f"decays from {now:.3g} to {final:.3g} by step {total_steps}")
-    return pieces, f"the learning rate continues from step {step} and {how}"
-
-
-def _piece(begin, start, end, lr0, lr1, shape) -> dict:
-    return {"begin": int(begin), "start": int(start), "end": int(end), "lr0": float(lr0),
-            "lr1": float(lr1), "shape": shape}
-
-
-def _piece_value(p: dict, t, xp):
-    frac = xp.clip((t - p["start"]) / max(p["end"] - p["start"], 1), 0.0, 1.0)
-    if p["shape"] == "cosine":
-        return p["lr1"] + (p["lr0"] - p["lr1"]) * 0.5 * (1.0 + xp.cos(math.pi * frac))
-    return p["lr0"] + (p["lr1"] - p["lr0"]) * frac
-
-
-def lr_at(pieces: list[dict], step: int) -> float:
-    """The learning rate of update `step` (host side, for logs and messages)."""
-    piece = [p for p in pieces if p["begin"] <= step][-1]
-    return float(_piece_value(piece, float(step), np))
-
-
-def lr_schedule(pieces: list[dict]) -> optax.Schedule:
-    """`lr_at` as a traced optax schedule (the last piece that has begun gives the value)."""
-    def schedule(count):
-        t = jnp.asarray(count, jnp.float32)
-        value = _piece_value(pieces[0], t, jnp)
-        for p in pieces[1:]:
-            value = jnp.where(t >= p["begin"], _piece_value(p, t, jnp), value)
-        return value
-    return schedule
-
-
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   pieces: Optional[list[dict]] = None) -> optax.GradientTransformation:
-    """Keras-identical RMSprop (rho 0.9, eps inside the sqrt, zero initial velocity) or optax's
-    Adam/AdamW, optional global-norm clipping before it, and the learning rate of `pieces`
-    (default: a fresh run of `total_steps`). The rate is always a schedule, so the optimizer
-    state has one structure whatever the schedule (constant, cosine, continued)."""
-    o = config.optimizer
-    lr = lr_schedule(pieces or lr_segments(config, total_steps))
-    if o.name == "adamw":
-        update = optax.adamw(lr, weight_decay=o.weight_decay)
-    else:
-        update = (optax.adam(lr) if o.name == "adam" else
-                  optax.rmsprop(lr, decay=o.decay, eps=o.eps, eps_in_sqrt=True, initial_scale=0.0))
-        if o.weight_decay:
-            update = optax.chain(optax.add_decayed_weights(o.weight_decay), update)
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm), update) if o.clip_norm > 0 else update
-
-
-# --- the pure step functions -----------------------------------------------------------------
-
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, batch_BxL1: jax.Array, dropout_key,
-            objective: str, carry=None):
-    """(mean next-char cross-entropy in nats, final LSTM carry): the char after each window
-    (window), or every position from `carry` (zero when None). The carry is a constant here: no
-    gradient flows into the previous step (truncated BPTT)."""
-    model = nnx.merge(graphdef, params)
-    inputs = batch_BxL1[:, :-1]
-    if objective == "window":
-        logits = model(inputs, dropout_key=dropout_key, last_only=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxL1[:, -1]).mean(), None
-    carry = None if carry is None else jax.lax.stop_gradient(carry)
-    logits, new_carry = model(inputs, carry, dropout_key=dropout_key, return_carry=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch_BxL1[:, 1:]).mean()
-    return loss, (new_carry if objective == "stream" else None)
-
-
-def loss_and_grads(params, graphdef, batch_BxL1, key, *, objective: str, accum_steps: int,
-                   carry=None):
-    """(loss, gradients, final carry), averaged over `accum_steps` micro-batches of the batch.
-
-    Micro-batch k = rows k, k + K, k + 2K, ...: (B, L) -> (B/K, K, L) splits the batch axis
-    minor-to-major, so with the rows sharded over devices every device keeps its own B/(n*K)
-    rows of every micro-batch (a (K, B/K) split would cut across the device shards and make XLA
-    all-gather the batch inside the accumulation loop). Micro-batches split the streams, not
-    time, so every stream's carry continues through its own micro-batch.
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum_steps == 1:
-        (loss, new_carry), grads = grad_fn(params, graphdef, batch_BxL1, key, objective, carry)
-        return loss, grads, new_carry
-    split = lambda x: jnp.swapaxes(x.reshape((-1, accum_steps) + x.shape[1:]), 0, 1)  # noqa: E731
-    merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])              # noqa: E731
-
-    def body(sums, inputs):
-        loss_sum, grad_sum = sums
-        i, mb, mb_carry = inputs
-        (loss, new_carry), grads = grad_fn(params, graphdef, mb, jax.random.fold_in(key, i),
-                                           objective, mb_carry)
-        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), new_carry
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    micro_carry = None if carry is None else jax.tree.map(split, carry)
-    (loss, grads), new_carry = jax.lax.scan(
-        body, (0.0, zeros), (jnp.arange(accum_steps), split(batch_BxL1), micro_carry))
-    new_carry = None if new_carry is None else jax.tree.map(merge, new_carry)
-    return loss / accum_steps, jax.tree.map(lambda g: g / accum_steps, grads), new_carry
-
-
-def apply_update(state: TrainState, grads, tx: optax.GradientTransformation, carry=None) -> TrainState:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                      opt_state=opt_state, carry=carry)
-
-
-def _step_carry(state: TrainState, steps_per_epoch: Optional[int]):
-    """The carry a step starts from: the state's, zeroed at the first step of every epoch."""
-    if state.carry is None:
-        return None
-    if not steps_per_epoch:
-        raise ValueError("the stream objective needs steps_per_epoch to reset its carry each epoch")
-    fresh = state.step % steps_per_epoch == 0
-    return jax.tree.map(lambda c: jnp.where(fresh, jnp.zeros_like(c), c), state.carry)
-
-
-def make_train_step(graphdef, tx, config, steps_per_epoch: Optional[int] = None,
-                    mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
-    """`train_step(state, batch, key) -> (state, metrics)`, jitted, state donated.
-
-    On a mesh, pass a replicated state (its carry sharded like the batch) and a batch sharded over
-    'data'; XLA inserts the gradient all-reduce. `key` is the run's base key; the step's key is
-    fold_in(key, state.step). The stream objective carries the LSTM state to the next step and
-    resets it every `steps_per_epoch` steps; give the `mesh` so the carry stays sharded like the
-    batch (else XLA may return it replicated: a recompile, and an all-gather per step).
-    """
-    rows = parallel.data_sharded(mesh) if mesh is not None else None
-
-    def train_step(state: TrainState, batch_BxL1: jax.Array, key: jax.Array):
-        step_key = jax.random.fold_in(key, state.step)
-        loss, grads, carry = loss_and_grads(
-            state.params, graphdef, batch_BxL1, step_key, objective=config.objective,
-            accum_steps=config.grad_accum_steps, carry=_step_carry(state, steps_per_epoch))
-        if carry is not None and rows is not None:
-            carry = jax.lax.with_sharding_constraint(carry, rows)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return apply_update(state, grads, tx, carry), metrics
-    return jax.jit(train_step, donate_argnums=0)
-
-
-def make_pmap_train_step(graphdef, tx, config, axis_name: str = "batch",
-                         devices: Optional[list] = None,
-                         steps_per_epoch: Optional[int] = None) -> Callable:
-    """The same step under `jax.pmap`: state with a leading device axis (params replicated, the
-    carry holding each device's rows), batch (devices, rows, L + 1), gradients and loss averaged
-    with `pmean`."""
-    def train_step(state: TrainState, batch_BxL1: jax.Array, key: jax.Array):
-        step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), jax.lax.axis_index(axis_name))
-        loss, grads, carry = loss_and_grads(
-            state.params, graphdef, batch_BxL1, step_key, objective=config.objective,
-            accum_steps=config.grad_accum_steps, carry=_step_carry(state, steps_per_epoch))
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return apply_update(state, grads, tx, carry), metrics
-    return jax.pmap(train_step, axis_name=axis_name, donate_argnums=0, in_axes=(0, 0, None),
-                    devices=devices)
-
-
-def make_eval_step(graphdef) -> Callable:
-    """`eval_step(params, windows_BxL1) -> (loss_sum_B, last_loss_B)`: per-row sums of the
-    next-char loss over every position (val_loss) and the loss on the char after the window
-    (val_last_loss, the Keras reference's loss). Rows stay sharded and the host reduces them: the
-    program has no collectives, so any number of eval steps may be in flight (XLA:CPU can
-    deadlock when several multi-device programs with collectives are queued at once)."""
-    def eval_step(params, windows_BxL1):
-        model = nnx.merge(graphdef, params)
-        logits = model(windows_BxL1[:, :-1])
-        losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, windows_BxL1[:, 1:])
-        return losses_BxT.sum(axis=1), losses_BxT[:, -1]
-    return jax.jit(eval_step)
-
-
-def make_text_eval_step(graphdef) -> Callable:
-    """`text_eval_step(params, chunk_SxL1, weight_SxL, carry) -> (loss_sum_S, carry)`: one chunk
-    of S long text streams, continuing each from `carry` (whole-text evaluation with the state
-    carried). Per-row sums, no collectives (as `make_eval_step`)."""
-    def text_eval_step(params, chunk_SxL1, weight_SxL, carry):
-        model = nnx.merge(graphdef, params)
-        logits, carry = model(chunk_SxL1[:, :-1], carry, return_carry=True)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, chunk_SxL1[:, 1:])
-        return (losses * weight_SxL).sum(axis=1), carry
-    return jax.jit(text_eval_step, donate_argnums=3)
-
-
-# --- building a run --------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Corpus:
+class TrainResult:
+    """What `train_and_evaluate` hands back: the trained model and what it needs to sample."""
+    model: CharLSTM
     vocab: data.Vocab
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    fingerprint: str
+    step: int
+    metrics: dict
+    preempted: bool = False
+    preempted_by: Optional[str] = None   # 'SIGTERM' | 'SIGINT'
 
 
-def load_corpus(config: ml_collections.ConfigDict, vocab: Optional[data.Vocab] = None) -> Corpus:
-    """Text -> vocab (built, or the given one) -> encoded train/val split."""
-    if config.corpus.startswith("prepared:"):
-        directory = config.corpus.split(":", 1)[1]
-        vocab_p, train, val, meta = data.load_prepared(directory, with_meta=True)
-        if vocab_p.kind != config.vocab:
-            raise data.DataError(f"{directory} was prepared with vocab={vocab_p.kind!r}, the config "
-                                 f"says {config.vocab!r}; prepare it again or set --config.vocab={vocab_p.kind}")
-        if not math.isclose(meta.get("val_fraction", config.val_fraction), config.val_fraction):
-            raise data.DataError(f"{directory} was prepared with val_fraction={meta['val_fraction']}, "
-                                 f"the config says {config.val_fraction}; prepare it again or set "
-                                 f"--config.val_fraction={meta['val_fraction']}")
-        return Corpus(vocab_p, train, val,
-                      fingerprint=meta.get("fingerprint", f"prepared:{pathlib.Path(directory).name}"))
-    text = corpora.load_text(config.corpus, lowercase=config.lowercase, errors=config.encoding_errors)
-    vocab = vocab or data.Vocab.from_text(text, kind=config.vocab)
-    train, val = data.split_tokens(vocab.encode(text), config.val_fraction)
-    return Corpus(vocab, train, val, corpora.corpus_fingerprint(text))
+@dataclasses.dataclass
+class Plan:
+    """A run as configured, before anything is written: building it checks every input, and it
+    holds every value derived from the config, so nothing downstream derives them again."""
+    config: ml_collections.ConfigDict
+    corpus: data.Corpus
+    mesh: jax.sharding.Mesh
+    batch: int                      # global batch (all devices, all processes)
+    per_device_batch: int           # rows of it on each device
+    batcher: data.Batcher
+    total_steps: int                # the configured length (a time budget may shorten it)
+    windows: Optional[np.ndarray]   # held-out (N, eval_window + 1) windows; None without a val split
+    model_cfg: ModelConfig
+    tx: optax.GradientTransformation   # the optimizer of a fresh run of total_steps
+    graphdef: nnx.GraphDef
+    abstract_state: steps.TrainState   # shapes, dtypes and shardings (what a restore fills)
+
+    @property
+    def vocab(self) -> data.Vocab:
+        return self.corpus.vocab
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batcher.steps_per_epoch
+
+    def optimizer(self, lr_pieces: list) -> optax.GradientTransformation:
+        """The optimizer with the learning rate of `lr_pieces` (a resumed or budgeted run's
+        schedule; the state's structure is `tx`'s)."""
+        return steps.make_optimizer(self.config, self.total_steps, lr_pieces)
+
+    def description(self) -> dict:
+        """What the resume contract compares (saved in every checkpoint's metadata)."""
+        return {"config": _to_json(self.config), "vocab": list(self.vocab.chars),
+                "global_batch": self.batch, "corpus_fingerprint": self.corpus.fingerprint}
 
 
-def _state_shardings(config, model_cfg: ModelConfig, tx, mesh, batch: int):
-    """The train state's shapes and placement: replicated, but a stream carry sharded like the
-    batch (each device holds its own streams' (h, c))."""
-    def init():
-        params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          carry=_zero_carry(config, model_cfg, batch))
-    shapes = jax.eval_shape(init)
-    # On one device both are the same layout, and the step returns the carry as P(): start there
-    # so the state is a fixed point of the step (else it compiles twice).
-    rep = parallel.replicated(mesh)
-    rows = parallel.data_sharded(mesh) if mesh.devices.size > 1 else rep
-    shardings = TrainState(step=rep, params=jax.tree.map(lambda _: rep, shapes.params),
-                           opt_state=jax.tree.map(lambda _: rep, shapes.opt_state),
-                           carry=jax.tree.map(lambda _: rows, shapes.carry))
-    return shapes, shardings
+def plan_run(config: ml_collections.ConfigDict, corpus: Optional[data.Corpus] = None) -> Plan:
+    corpus = corpus if corpus is not None else data.load_corpus(config)
+    n_dev = config.parallel.num_devices
+    mesh = parallel.make_mesh(parallel.first_devices(n_dev) if n_dev else None)
+    batch = steps.global_batch_size(config, mesh)
+    batcher = data.make_batcher(config, corpus.train_tokens, batch)
+    epochs_steps = batcher.steps_per_epoch * config.num_epochs
+    total = min(epochs_steps, config.max_steps) if config.max_steps else epochs_steps
+    windows = (data.eval_windows(corpus.val_tokens, config.eval_window, config.eval_stride,
+                                 config.eval_max_windows) if len(corpus.val_tokens) else None)
+    model_cfg = steps.model_config(config, len(corpus.vocab))
+    if model_cfg.backward == "cudnn":   # GPU-only, one device or pmap: a clear refusal elsewhere
+        from lstm_jax import cudnn
+        cudnn.check_supported(model_cfg, jax.default_backend(), num_devices=mesh.devices.size,
+                              parallel_mode=config.parallel.mode)
+    tx = steps.make_optimizer(config, total)
+    graphdef, abstract = steps.abstract_state(config, model_cfg, tx, mesh, batch=batch)
+    return Plan(config, corpus, mesh, batch, batch // mesh.devices.size, batcher, total, windows,
+                model_cfg, tx, graphdef, abstract)
 
 
-def _zero_carry(config, model_cfg: ModelConfig, batch: int):
-    if config.objective != "stream":
-        return None
-    zeros = jnp.zeros((batch, model_cfg.hidden_size), jnp.float32)
-    return tuple((zeros, zeros) for _ in range(model_cfg.num_layers))
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                       new_run: bool = False, progress: bool = True,
+                       step: Optional[int] = None,
+                       corpus: Optional[data.Corpus] = None) -> TrainResult:
+    """Trains, resuming from the workdir's newest readable checkpoint (or `step`), and returns the
+    model. Config and data errors are raised before the workdir is touched; a workdir held by
+    another trainer or holding a run with other settings raises workdir.WorkdirError; a
+    diverging run raises TrainingError with the last good checkpoint kept as the latest.
+    `corpus`: `data.load_corpus(config)` if already loaded (the CLI loads it before JAX starts,
+    so the CPU device rule can see the vocabulary size)."""
+    config_lib.validate(config)
+    plan = plan_run(config, corpus)
+    workdir = pathlib.Path(workdir)
+    with _claimed(workdir, new_run):
+        checkpointer = ckpt.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                         keep_best=config.checkpoint.keep_best,
+                                         best_metric=config.checkpoint.best_metric)
+        try:
+            start = _resume_or_start(plan, workdir, checkpointer, step)
+            return _fit(plan, workdir, checkpointer, start, progress)
+        finally:
+            checkpointer.close()
 
 
-def init_state(config, model_cfg: ModelConfig, tx, mesh) -> tuple[nnx.GraphDef, TrainState]:
-    """Builds params and optimizer state directly in their placement (replicated; a stream
-    carry sharded over 'data')."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(model_cfg, rngs=nnx.Rngs(0))))
-    batch = global_batch_size(config, mesh)
-    _, shardings = _state_shardings(config, model_cfg, tx, mesh, batch)
+# --- claiming the workdir and resuming ------------------------------------------------------------
 
-    def init():
-        params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          carry=_zero_carry(config, model_cfg, batch))
-    return graphdef, jax.jit(init, out_shardings=shardings)()
-
-
-def global_batch_size(config, mesh) -> int:
-    n = mesh.devices.size
-    batch = config.per_device_batch_size * n if config.per_device_batch_size else config.batch_size
-    parallel.check_divisible(batch, mesh)
-    if batch % (config.grad_accum_steps * n):
-        raise ValueError(f"batch_size={batch} must divide into grad_accum_steps={config.grad_accum_steps}"
-                         f" micro-batches of a multiple of {n} devices; change one of them")
-    return batch
-
-
-
-
-def abstract_state(config, model_cfg: ModelConfig, tx, mesh, *, batch: Optional[int] = None,
-                   replicate_all: bool = False) -> tuple[nnx.GraphDef, TrainState]:
-    """The graphdef and the train state's shapes, dtypes and shardings (for restores). `batch`
-    (the run's global batch) sizes a stream carry; `replicate_all` places it replicated too, for
-    a process that only samples and whose device count need not divide the batch."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CharLSTM(model_cfg, rngs=nnx.Rngs(0))))
-    batch = global_batch_size(config, mesh) if batch is None else batch
-    shapes, shardings = _state_shardings(config, model_cfg, tx, mesh, batch)
-    if replicate_all:
-        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), shardings)
-    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  shapes, shardings)
+@contextlib.contextmanager
+def _claimed(workdir: pathlib.Path, new_run: bool) -> Iterator[None]:
+    """Process 0 creates the workdir and takes its lock (after moving an old run aside for
+    --new_run, under that run's lock); the other processes wait for it and stop if it failed."""
+    lock, error = None, None
+    if parallel.is_main_process():
+        try:
+            if new_run and ((workdir / "config.json").exists() or (workdir / ckpt.CHECKPOINT_DIR).exists()):
+                workdir_lib.WorkdirLock(workdir).acquire()   # never move a run that is training
+                aside = workdir_lib.move_aside(workdir)
+                (aside / workdir_lib.LOCK).unlink(missing_ok=True)
+                print(f"--new_run: moved the previous run to {aside}")
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = workdir_lib.WorkdirLock(workdir).acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the processes agree
+            error = e
+    if parallel.max_over_processes(int(error is not None)):
+        if error is not None:
+            raise error
+        raise workdir_lib.WorkdirError(f"process 0 could not claim {workdir}; see its output")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def __getattr__(name: str):
-    """`train_and_evaluate`, `restore_model` and `TrainResult` live in lstm_jax.loop; importing
-    them from here keeps working."""
-    if name in ("train_and_evaluate", "restore_model", "TrainResult"):
-        from lstm_jax import loop
-        return getattr(loop, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+@dataclasses.dataclass
+class _Start:
+    """Where this session starts: the state, and what a resume restores besides it."""
+    state: steps.TrainState
+    step: int
+    lr_pieces: list
+    elapsed_s: float = 0.0
+    epoch_loss: Optional[dict] = None    # {"epoch", "sum", "steps"} of the epoch in progress
+    best: Optional[dict] = None          # {"step", "value", "evals_since"} of the best metric
+    side_s: float = 0.0                  # eval/checkpoint/sample time of earlier sessions
+    total_steps: int = 0                 # the run's length (the plan's, or fixed by the time budget)
+    budget_fixed: bool = False           # time_budget_s already fixed the length (saved)
+
+
+def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer,
+                     step: Optional[int]) -> _Start:
+    """Restores the newest readable checkpoint whose run matches this one (or `step`), else
+    starts afresh; refuses (naming each field) a workdir whose run has other settings. Then
+    writes config.json and vocab.json."""
+    config, described = plan.config, plan.description()
+
+    def check(saved: dict) -> None:
+        diffs = workdir_lib.resume_differences(saved, described)
+        if diffs:
+            raise workdir_lib.refuse_resume(workdir, diffs)
+
+    start = None
+    if checkpointer.all_steps() or step is not None:
+        at, tree, meta, unreadable = checkpointer.restore_readable(
+            steps.state_to_tree(plan.abstract_state), step, check)
+        state = steps.state_from_tree(tree)
+        if parallel.is_main_process():
+            _set_aside(checkpointer, unreadable, [s for s in checkpointer.all_steps()
+                                                  if s > at and s not in unreadable])
+        parallel.barrier("lstm_jax: checkpoints set aside")
+        pieces = meta.get("lr_pieces") or steps.lr_segments(config, meta.get("total_steps", plan.total_steps))
+        budget_fixed = bool(config.time_budget_s) and meta.get("budget_fixed_for") == config.time_budget_s
+        total = min(meta["total_steps"], plan.total_steps) if budget_fixed else plan.total_steps
+        pieces, how = steps.continue_lr_segments(pieces, config, at, total)
+        say(f"resuming {workdir} from step {at} (epoch {at / plan.steps_per_epoch:.2f})"
+             + (f"; {meta.get('total_steps')} -> {total} steps: {how}" if how else ""))
+        start = _Start(state, at, pieces, meta.get("elapsed_s", 0.0), meta.get("epoch_loss"),
+                       meta.get("best"), meta.get("side_s", 0.0), total, budget_fixed)
+    else:
+        saved = workdir_lib.read_json(workdir / "config.json")
+        if saved is not None:   # a run stopped before its first checkpoint: same contract
+            vocab = workdir_lib.read_json(workdir / "vocab.json") or {}
+            check({"config": saved, "vocab": vocab.get("chars", described["vocab"])})
+        _, state = steps.init_state(config, plan.model_cfg, plan.tx, plan.mesh, plan.batch)
+        start = _Start(state, 0, steps.lr_segments(config, plan.total_steps),
+                       total_steps=plan.total_steps)
+    if parallel.is_main_process():
+        workdir_lib.write_json(workdir / "config.json", described["config"])
+        plan.vocab.save(workdir / "vocab.json")
+    return start
+
+
+def _set_aside(checkpointer: ckpt.Checkpointer, unreadable: list[int], later: list[int]) -> None:
+    for moved, into, why in ((unreadable, "unreadable_checkpoints", "unreadable"),
+                             (later, "abandoned_checkpoints", "after the step resumed from")):
+        for path in checkpointer.move_aside(moved, into):
+            say(f"moved checkpoint {path.name} ({why}) to {path}")
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, start: _Start,
+         progress: bool) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    config, total, pieces = plan.config, start.total_steps, start.lr_pieces
+    placement = parallel.placement(config.parallel.mode, plan.mesh, plan.batch)
+    compile_step = lambda tx: placement.compile(  # noqa: E731 - again when the budget fixes the length
+        steps.step_function(plan.graphdef, tx, config, plan.steps_per_epoch))
+    train_step, key = compile_step(plan.optimizer(pieces)), jax.random.key(config.seed)
+    state = placement.place_state(start.state)
+    say(f"{plan.mesh.devices.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+         f"process(es), batch {plan.batch}, {plan.steps_per_epoch} steps/epoch, {total} steps")
+    if start.step >= total:
+        say(f"{workdir} is already at step {start.step} of {total}: nothing to train (raise "
+             f"--config.num_epochs or --config.max_steps to continue: the learning rate carries on "
+             f"from where it is)")
+    bar = tqdm(total=total, initial=start.step, disable=not (progress and parallel.is_main_process()), unit="step",
+               dynamic_ncols=True)
+    log = workdir_lib.MetricsLog(workdir, start.step, enabled=parallel.is_main_process())
+    meter = periodic.Meter(plan, log, bar, start.step, start.lr_pieces, start.elapsed_s,
+                           start.side_s, start.epoch_loss)
+    evaluator = evaluate.Evaluator(plan, plan.graphdef)
+    early_stop = periodic.EarlyStop(config.checkpoint.best_metric, config.checkpoint.early_stop_evals,
+                            start.best)
+    save = periodic.Saver(plan, checkpointer, meter, pieces, early_stop, total, start.budget_fixed)
+    write_samples = periodic.SampleWriter(plan, workdir, plan.graphdef, bar)
+    budget = periodic.Budget(config.time_budget_s, fixed=start.budget_fixed)
+    every = lambda n, k: bool(k) and n % k == 0   # noqa: E731
+    done, stop = start.step, periodic.StopRequests(agree_every=config.log_every)
+    try:
+        with stop:
+            spe, rows = plan.steps_per_epoch, placement.rows   # this process's rows of each batch
+            batches = data.prefetch(placement.place_batch(plan.batcher.batch(*divmod(s, spe), rows))
+                                    for s in range(start.step, plan.total_steps))
+            for step in range(start.step, plan.total_steps):   # the budget may end the run sooner
+                if step >= total:
+                    break
+                state, metrics = train_step(state, next(batches), key)
+                first = step == start.step
+                if first:   # it compiles the step: timed apart, kept out of chars_per_s
+                    with meter.side_work("compile_s"):
+                        jax.block_until_ready(metrics)
+                meter.record(step, metrics, counted=not first)
+                done = step + 1
+                bar.update(1)   # host-side only: no device sync
+                if (length := budget.length(done, meter, state, total)) is not None:
+                    total, pieces, how = length, *steps.continue_lr_segments(pieces, config, done, length)
+                    train_step = compile_step(plan.optimizer(pieces))
+                    save.set_length(total, pieces)
+                    meter.lr_pieces, bar.total = pieces, total
+                    say(f"time budget {config.time_budget_s:g} s of training: {total} steps "
+                         f"({budget.rate:.1f} steps/s measured)"
+                         + (f"; {how}" if how else ""), bar)
+                if stop.requested(done, state):
+                    break
+                end_of_epoch = done % plan.steps_per_epoch == 0 or done == total
+                val: dict = {}
+                if end_of_epoch or every(done, config.eval_every):
+                    with meter.side_work("eval_s"):
+                        val = evaluator(placement.global_state(state).params)
+                    meter.write_eval(done, val, end_of_epoch)
+                    early_stop.update(done, val)
+                if end_of_epoch or every(done, config.checkpoint.every_steps) or early_stop.stop:
+                    with meter.side_work("checkpoint_s"):
+                        save(done, placement.global_state(state), val)
+                if early_stop.stop:
+                    say(early_stop.message(), bar)
+                    with meter.side_work("sample_s"):
+                        write_samples(done, placement.global_state(state).params)
+                    break
+                epochs_done, in_epoch = divmod(done, plan.steps_per_epoch)
+                if done == total or (in_epoch == 0 and every(epochs_done, config.sample.every_epochs)):
+                    with meter.side_work("sample_s"):
+                        write_samples(done, placement.global_state(state).params)
+            if stop.signal:
+                with meter.side_work("checkpoint_s"):
+                    save(done, placement.global_state(state))
+                checkpointer.wait()
+                say(f"received {stop.signal}: saved a checkpoint at step {done} in "
+                     f"{checkpointer.directory}; run the same command to resume", bar)
+            meter.flush()
+    except periodic.Diverged as diverged:
+        raise periodic.diverged_error(diverged, plan, checkpointer) from None
+    finally:
+        bar.close()
+        log.close()
+    params = jax.device_get(placement.global_state(state).params)
+    return TrainResult(model=nnx.merge(plan.graphdef, params), vocab=plan.vocab, step=done,
+                       metrics={**meter.last_train, **meter.last_eval},
+                       preempted=stop.signal is not None, preempted_by=stop.signal)
+
+
+# --- small helpers ----------------------------------------------------------------------------
+
+def _to_json(config: ml_collections.ConfigDict) -> dict:
+    import json
+    return json.loads(config.to_json())

@@ -27,7 +27,7 @@ from flax import nnx
 
 from conftest import REPO, tiny_config, write_corpus
 from lstm_jax import checkpoint as ckpt
-from lstm_jax import cli, train
+from lstm_jax import cli, evaluate, steps, train
 from lstm_jax.config import flat_items, get_config
 from lstm_jax.workdir import WorkdirError
 
@@ -217,7 +217,7 @@ def test_checkpoint_metadata_describes_the_run(reference, run_on_8_devices):
     per_epoch = (train_chars - 20) // 20 // 16                  # 20-char chunks, batch 16
     assert (meta["steps_per_epoch"], meta["epoch"], meta["batch_in_epoch"]) == (per_epoch, 0, 20)
     assert meta["step"] == 20 and meta["global_batch"] == 16 and meta["total_steps"] == 20
-    assert meta["lr_pieces"] == train.lr_segments(base_config("x"), 20)
+    assert meta["lr_pieces"] == steps.lr_segments(base_config("x"), 20)
     logged = [r for r in map(json.loads, (reference.workdir / "metrics.jsonl").open()) if "train_loss" in r]
     assert [r["step"] for r in logged] == [5, 10, 15, 20]       # log_every 5: means of 5 steps
     assert meta["epoch_loss"]["epoch"] == 0 and meta["epoch_loss"]["steps"] == 20
@@ -299,7 +299,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path
     assert tmp_dirs(workdir) == [f"10{TMP_SUFFIX}"], out
     assert steps_on_disk(workdir) == [5]
     assert latest_step(workdir) == 5
-    model, vocab, _ = train.restore_model(workdir)          # the previous checkpoint restores
+    model, vocab, _ = ckpt.restore_model(workdir)          # the previous checkpoint restores
     assert len(vocab) == len(set(TEXT))
 
     capsys.readouterr()
@@ -321,7 +321,7 @@ def test_retention_keeps_the_last_k_plus_the_best_by_val_loss(tmp_path):
     checkpointer = ckpt.Checkpointer(tmp_path, max_to_keep=2)
     val_losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: None, 5: 2.0, 6: None}   # step 2 is the best
     for step, val in val_losses.items():
-        checkpointer.save(step, _tiny_state(step), {"step": step}, val)
+        checkpointer.save(step, _tiny_state(step), {"step": step}, None if val is None else {"val_loss": val})
     checkpointer.close()
     assert checkpointer.all_steps() == [2, 5, 6]
     assert steps_on_disk(tmp_path) == [2, 5, 6] and not tmp_dirs(tmp_path)
@@ -334,14 +334,14 @@ def test_the_best_checkpoint_survives_a_restart(tmp_path):
     """Retention after a resume must still know which old checkpoint had the best val_loss."""
     first = ckpt.Checkpointer(tmp_path, max_to_keep=2)
     for step, val in {1: 1.0, 2: 2.0, 3: 3.0}.items():   # the best, step 1, is the oldest
-        first.save(step, _tiny_state(step), {"step": step}, val)
+        first.save(step, _tiny_state(step), {"step": step}, None if val is None else {"val_loss": val})
     first.close()
     assert steps_on_disk(tmp_path) == [1, 2, 3]
 
     second = ckpt.Checkpointer(tmp_path, max_to_keep=2)  # a resumed run
     assert second.best_step() == 1
     for step, val in {4: 4.0, 5: 5.0}.items():
-        second.save(step, _tiny_state(step), {"step": step}, val)
+        second.save(step, _tiny_state(step), {"step": step}, None if val is None else {"val_loss": val})
     second.close()
     assert steps_on_disk(tmp_path) == [1, 4, 5]
 
@@ -376,7 +376,7 @@ def test_restore_model_onto_a_different_device_count(tmp_path, run_on_8_devices,
         assert_same_arrays(dict(restored), run_on_8_devices.params)
     # 1 device -> 8 devices: restore_model builds its mesh over every device of this process
     assert jax.device_count() == 8
-    model, vocab, config = train.restore_model(reference.workdir)
+    model, vocab, config = ckpt.restore_model(reference.workdir)
     assert config.model.hidden_size == 16 and len(vocab) == len(set(TEXT))
     assert_same_arrays(param_arrays(model), reference.params)
 
@@ -465,7 +465,7 @@ def test_cli_refuses_a_model_override_unless_new_run_and_keeps_the_old_run(tmp_p
     assert snapshot(aside) == before                        # the old run, moved aside intact
     assert json.loads((workdir / "config.json").read_text())["model"]["hidden_size"] == 32
     assert latest_step(workdir) == 5
-    old_model, _, old_config = train.restore_model(aside)   # and still usable
+    old_model, _, old_config = ckpt.restore_model(aside)   # and still usable
     assert old_config.model.hidden_size == 16
     assert_same_arrays(param_arrays(old_model), reference.params)
 
@@ -486,8 +486,8 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_newest_readable_one(t
     workdir = shutil.copytree(reference.workdir, tmp_path / "run")
     _truncate_largest_file(workdir / "checkpoints" / "20")
     with pytest.warns(RuntimeWarning, match=r"checkpoint step 20 .* is unreadable .*; using step 15"):
-        model, _, _ = train.restore_model(workdir)
-    at_15, _, _ = train.restore_model(reference.workdir, step=15)
+        model, _, _ = ckpt.restore_model(workdir)
+    at_15, _, _ = ckpt.restore_model(reference.workdir, step=15)
     assert_same_arrays(param_arrays(model), param_arrays(at_15))
 
     with pytest.warns(RuntimeWarning, match="using step 15"):
@@ -570,7 +570,7 @@ def test_sample_step_flag_uses_that_checkpoint(tmp_path, reference):
                      "--num_samples=4", "--length=40", "--temperature=1", "--prime=the ", "--seed=3",
                      f"--out={out_path}"]) == 0
     texts = [json.loads(line)["text"] for line in out_path.read_text().splitlines()]
-    at_10, vocab, _ = train.restore_model(reference.workdir, step=10)
+    at_10, vocab, _ = ckpt.restore_model(reference.workdir, step=10)
     assert texts == sample.generate(at_10, vocab, **args).texts
     assert texts != sample.generate(reference.result.model, vocab, **args).texts
 
@@ -579,9 +579,8 @@ def test_restore_model_of_the_best_step(tmp_path, corpus, monkeypatch):
     """With val_loss best at epoch 2 of 4 (an evaluator scripted to say so), retention keeps
     step 2 * spe as the best and restore_model(workdir, best_step) returns exactly its params.
     Fails if keep_best ranks by anything else or the best step cannot be restored."""
-    from lstm_jax import loop
     scripted = iter([3.0, 1.0, 2.0, 4.0])
-    monkeypatch.setattr(loop._Evaluator, "__call__", lambda self, params: {
+    monkeypatch.setattr(evaluate.Evaluator, "__call__", lambda self, params: {
         "val_loss": next(scripted), "val_bpc": 0.0, "val_last_loss": 0.0})
     small = write_corpus(tmp_path, "the quick brown fox jumps over the lazy dog. " * 40)
     config = base_config(small, max_steps=0, num_epochs=4, **{"checkpoint.every_steps": 0,
@@ -589,14 +588,14 @@ def test_restore_model_of_the_best_step(tmp_path, corpus, monkeypatch):
     result = train.train_and_evaluate(config, tmp_path / "run", progress=False)
     spe = result.step // 4
     checkpointer = ckpt.Checkpointer(tmp_path / "run", read_only=True)
-    best, steps = checkpointer.best_step(), checkpointer.all_steps()
+    best, kept = checkpointer.best_step(), checkpointer.all_steps()
     checkpointer.close()
-    assert best == 2 * spe and steps == [2 * spe, 4 * spe]
-    model, _, _ = train.restore_model(tmp_path / "run", step=best)
+    assert best == 2 * spe and kept == [2 * spe, 4 * spe]
+    model, _, _ = ckpt.restore_model(tmp_path / "run", step=best)
     saved = checkpoint_arrays(tmp_path / "run", best)
     for name, value in param_arrays(model).items():   # "['layers'][0]['bias'].value" ->
         key = "['params']" + re.sub(r"\[(\d+)\]", r"['\1']", name).replace(".value", "['value']")
         np.testing.assert_array_equal(value, saved[key], err_msg=name)
-    latest, _, _ = train.restore_model(tmp_path / "run")
+    latest, _, _ = ckpt.restore_model(tmp_path / "run")
     assert any(not np.array_equal(a, b) for a, b in zip(param_arrays(model).values(),
                                                          param_arrays(latest).values()))

@@ -270,7 +270,7 @@ _SOAK_SCRIPT = textwrap.dedent("""
     state = jax.device_put((params, tx.init(params)), parallel.replicated(mesh))
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, batch):            # train.py's step: gradients all-reduced over the mesh
+    def step(state, batch):            # steps.py's step: gradients all-reduced over the mesh
         params, opt_state = state
         def loss(p):
             logits = nnx.merge(graphdef, p)(batch[:, :-1])

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import REPO, tiny_config, write_corpus
-from lstm_jax import loop
+from lstm_jax import checkpoint
 from test_checkpoint import assert_same_arrays, cli_flags, latest_step, param_arrays
 
 WORKER = REPO / "tests" / "train_worker.py"
@@ -88,8 +88,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_exactly(t
     resumed = _finish(_start(config, workdir, tmp_path, "resumed"), tmp_path, "resumed")
     assert [rc for rc, _ in resumed] == [0, 0], resumed
     assert f"from step {step}" in resumed[0][1]
-    assert_same_arrays(param_arrays(loop.restore_model(workdir)[0]),
-                       param_arrays(loop.restore_model(tmp_path / "whole")[0]))
+    assert_same_arrays(param_arrays(checkpoint.restore_model(workdir)[0]),
+                       param_arrays(checkpoint.restore_model(tmp_path / "whole")[0]))
     steps = [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()
              if '"train_loss"' in l]
     assert steps == sorted(set(steps))

@@ -24,7 +24,7 @@ from flax import nnx
 
 from asserts import assert_trees_close
 from conftest import tiny_config, write_corpus
-from lstm_jax import cli, data, parallel, train
+from lstm_jax import checkpoint, cli, data, parallel, steps, train
 from lstm_jax.config import flat_items, get_config
 
 STEP_ATOL = 1e-7   # unit steps: observed max |error| 3.2e-8
@@ -54,19 +54,19 @@ def _run_steps(mode: str, n_devices: int, overrides: tuple = ()) -> tuple[list[n
     config = _step_config(**dict(overrides))
     devices = jax.devices()[:n_devices]
     mesh = parallel.make_mesh(devices)
-    tx = train.make_optimizer(config, total_steps=10)   # cosine: the learning rate moves each step
-    graphdef, state = train.init_state(config, train.model_config(config, VOCAB), tx, mesh)
+    tx = steps.make_optimizer(config, total_steps=10)   # cosine: the learning rate moves each step
+    graphdef, state = steps.init_state(config, steps.model_config(config, VOCAB), tx, mesh)
     key = jax.random.key(config.seed)
     initial = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
     losses = []
     if mode == "mesh":
-        step = train.make_train_step(graphdef, tx, config)
+        step = steps.make_train_step(graphdef, tx, config)
         for batch in _batches(config):
             state, metrics = step(state, parallel.to_global(batch, mesh), key)
             losses.append(float(metrics["loss"]))
         params = jax.device_get(state.params)
     else:
-        step = train.make_pmap_train_step(graphdef, tx, config, devices=devices)
+        step = steps.make_pmap_train_step(graphdef, tx, config, devices=devices)
         state = parallel.replicate_for_pmap(jax.device_get(state), devices)
         for batch in _batches(config):
             state, metrics = step(state, batch.reshape((n_devices, -1) + batch.shape[1:]), key)
@@ -108,10 +108,10 @@ def _compiled_mesh_step(batch_size: int, accum_steps: int, n_devices: int = 8) -
     """The optimised HLO of the mesh train step (per-device shapes after SPMD partitioning)."""
     config = _step_config(batch_size=batch_size, grad_accum_steps=accum_steps)
     mesh = parallel.make_mesh(jax.devices()[:n_devices])
-    tx = train.make_optimizer(config, total_steps=10)
-    graphdef, state = train.init_state(config, train.model_config(config, VOCAB), tx, mesh)
+    tx = steps.make_optimizer(config, total_steps=10)
+    graphdef, state = steps.init_state(config, steps.model_config(config, VOCAB), tx, mesh)
     batch = parallel.to_global(np.zeros((batch_size, config.seq_len + 1), np.int32), mesh)
-    step = train.make_train_step(graphdef, tx, config)
+    step = steps.make_train_step(graphdef, tx, config)
     return step.lower(state, batch, jax.random.key(0)).compile().as_text()
 
 
@@ -140,10 +140,10 @@ def test_a_global_batch_that_does_not_split_over_the_devices_is_a_clear_error(tm
     mesh = parallel.make_mesh(jax.devices()[:8])
     with pytest.raises(ValueError, match=r"batch_size=12 does not divide by the 8 devices.*"
                                          r"multiple of 8 \(e\.g\. 8 or 16\).*per_device_batch_size"):
-        train.global_batch_size(tiny_config(batch_size=12), mesh)
-    assert train.global_batch_size(tiny_config(batch_size=12, per_device_batch_size=2), mesh) == 16
+        steps.global_batch_size(tiny_config(batch_size=12), mesh)
+    assert steps.global_batch_size(tiny_config(batch_size=12, per_device_batch_size=2), mesh) == 16
     with pytest.raises(ValueError, match=r"grad_accum_steps=4.*change one of them"):
-        train.global_batch_size(tiny_config(batch_size=16, grad_accum_steps=4), mesh)
+        steps.global_batch_size(tiny_config(batch_size=16, grad_accum_steps=4), mesh)
     # ... and from the command line: one line, no traceback, before anything is compiled.
     corpus = write_corpus(tmp_path, "abcdefgh " * 500)
     with pytest.raises(SystemExit) as exit_info:
@@ -165,8 +165,8 @@ def test_prepared_corpus_gives_the_same_batches_as_the_text(tmp_path):
     assert cli.main(["lstm-jax", "prepare", f"--config.corpus={path}", "--out", str(tmp_path / "prep")]) == 0
     for objective in ("sequence", "window"):
         config = tiny_config(corpus=path, objective=objective)
-        prepared = train.load_corpus(tiny_config(corpus=f"prepared:{tmp_path / 'prep'}", objective=objective))
-        in_memory = train.load_corpus(config)
+        prepared = data.load_corpus(tiny_config(corpus=f"prepared:{tmp_path / 'prep'}", objective=objective))
+        in_memory = data.load_corpus(config)
         assert isinstance(prepared.train_tokens, np.memmap) and isinstance(prepared.val_tokens, np.memmap)
         assert prepared.vocab == in_memory.vocab
         np.testing.assert_array_equal(prepared.train_tokens, in_memory.train_tokens)
@@ -235,7 +235,7 @@ def _run_two_processes(config, workdir: pathlib.Path, timeout: float = 150) -> l
 
 def _params(workdir) -> list[np.ndarray]:
     """Parameters restored from a workdir alone (config.json, vocab.json, latest checkpoint)."""
-    model, _, _ = train.restore_model(workdir)
+    model, _, _ = checkpoint.restore_model(workdir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 

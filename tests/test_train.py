@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config, write_corpus
-from lstm_jax import parallel, train
+from lstm_jax import checkpoint, evaluate, parallel, steps, train
 
 
 def keras_rmsprop_step(var, grad, velocity, lr=0.01, rho=0.9, eps=1e-7):
@@ -22,7 +22,7 @@ def keras_rmsprop_step(var, grad, velocity, lr=0.01, rho=0.9, eps=1e-7):
 
 def test_rmsprop_update_equals_keras_formula():
     config = tiny_config(**{"optimizer.clip_norm": 0.0, "optimizer.schedule": "constant"})
-    tx = train.make_optimizer(config, total_steps=10)
+    tx = steps.make_optimizer(config, total_steps=10)
     var = np.array([0.5, -1.0, 2.0], np.float32)
     grads = [np.array([0.1, -0.2, 3.0], np.float32), np.array([1e-4, 0.5, -0.7], np.float32)]
     params, opt_state = jnp.asarray(var), tx.init(jnp.asarray(var))
@@ -36,7 +36,7 @@ def test_rmsprop_update_equals_keras_formula():
 
 def test_clipping_bounds_the_global_norm():
     config = tiny_config(**{"optimizer.clip_norm": 1.0, "optimizer.schedule": "constant"})
-    tx = train.make_optimizer(config, 10)
+    tx = steps.make_optimizer(config, 10)
     g = jnp.array([30.0, 40.0])               # norm 50 -> clipped to norm 1
     updates, _ = tx.update(g, tx.init(jnp.zeros(2)), jnp.zeros(2))
     clipped = g / 50.0
@@ -46,16 +46,16 @@ def test_clipping_bounds_the_global_norm():
 
 def _setup(config, vocab_size=20):
     mesh = parallel.make_mesh(jax.devices()[:1])
-    mcfg = train.model_config(config, vocab_size)
-    tx = train.make_optimizer(config, 100)
-    graphdef, state = train.init_state(config, mcfg, tx, mesh)
+    mcfg = steps.model_config(config, vocab_size)
+    tx = steps.make_optimizer(config, 100)
+    graphdef, state = steps.init_state(config, mcfg, tx, mesh)
     return mesh, tx, graphdef, state
 
 
 def test_train_step_compiles_once_and_lowers_the_loss():
     config = tiny_config(objective="window")
     mesh, tx, graphdef, state = _setup(config)
-    step = train.make_train_step(graphdef, tx, config)
+    step = steps.make_train_step(graphdef, tx, config)
     rng = np.random.default_rng(0)
     pattern = np.tile(np.arange(20), 10)
     losses = []
@@ -74,8 +74,8 @@ def test_gradient_accumulation_equals_the_full_batch():
     _, _, graphdef, state = _setup(config)
     batch = jnp.asarray(np.random.default_rng(1).integers(0, 20, (16, 21)), jnp.int32)
     key = jax.random.key(0)
-    full = train.loss_and_grads(state.params, graphdef, batch, key, objective="sequence", accum_steps=1)
-    acc = train.loss_and_grads(state.params, graphdef, batch, key, objective="sequence", accum_steps=4)
+    full = steps.loss_and_grads(state.params, graphdef, batch, key, objective="sequence", accum_steps=1)
+    acc = steps.loss_and_grads(state.params, graphdef, batch, key, objective="sequence", accum_steps=4)
     np.testing.assert_allclose(full[0], acc[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(full[1]), jax.tree.leaves(acc[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -89,11 +89,11 @@ def test_dropout_is_used_in_training_only_and_scaled_by_one_over_keep():
     config = tiny_config(**{"model.dropout": 0.5, "model.num_layers": 2})
     _, _, graphdef, state = _setup(config)
     batch = jnp.asarray(np.random.default_rng(2).integers(0, 20, (4, 21)), jnp.int32)
-    l1, _ = train.loss_fn(state.params, graphdef, batch, jax.random.key(1), "sequence")
-    l2, _ = train.loss_fn(state.params, graphdef, batch, jax.random.key(2), "sequence")
-    l0, _ = train.loss_fn(state.params, graphdef, batch, None, "sequence")
+    l1, _ = steps.loss_fn(state.params, graphdef, batch, jax.random.key(1), "sequence")
+    l2, _ = steps.loss_fn(state.params, graphdef, batch, jax.random.key(2), "sequence")
+    l0, _ = steps.loss_fn(state.params, graphdef, batch, None, "sequence")
     assert float(l1) != float(l2)
-    loss_sum, _ = train.make_eval_step(graphdef)(state.params, batch)
+    loss_sum, _ = steps.make_eval_step(graphdef)(state.params, batch)
     np.testing.assert_allclose(float(loss_sum.sum()) / batch[:, 1:].size, float(l0), rtol=1e-6)
 
     g1, s1 = _setup(tiny_config(**{"model.dropout": 0.5}))[2:]
@@ -128,12 +128,12 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path
     step-10 checkpoint (vouched for by its evaluation) stays the latest. Fails if the NaN state is
     saved, if the message claims a checkpoint that does not exist, or if training goes on."""
     from lstm_jax.checkpoint import Checkpointer
-    original = train.loss_fn
+    original = steps.loss_fn
     config = tiny_config(corpus=repetitive_corpus, max_steps=10)
     train.train_and_evaluate(config, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train, "loss_fn", lambda *a: (original(*a)[0] * jnp.nan, None))
+    monkeypatch.setattr(steps, "loss_fn", lambda *a: (original(*a)[0] * jnp.nan, None))
     config.max_steps = 20
-    with pytest.raises(train.TrainingError, match=r"diverged at step 10: train_loss nan.*the latest "
+    with pytest.raises(steps.TrainingError, match=r"diverged at step 10: train_loss nan.*the latest "
                                                   r"checkpoint is step 10.*learning_rate=0.001"):
         train.train_and_evaluate(config, tmp_path / "run", progress=False)
     c = Checkpointer(tmp_path / "run")
@@ -147,11 +147,10 @@ def test_an_exploding_loss_stops_and_no_diverged_checkpoint_is_left_latest(tmp_p
     checkpoints/ must hold params whose loss is still sane. Fails without the explosion check
     (the run 'succeeds' with a garbage latest checkpoint) or if checkpoints saved after the
     divergence stay in place."""
-    from lstm_jax import loop
     from lstm_jax.checkpoint import Checkpointer
     config = tiny_config(corpus=repetitive_corpus, max_steps=40, log_every=1,
                          **{"optimizer.learning_rate": 1e6, "checkpoint.every_steps": 1})
-    with pytest.raises(train.TrainingError, match=r"diverged at step \d+: train_loss above ln V "
+    with pytest.raises(steps.TrainingError, match=r"diverged at step \d+: train_loss above ln V "
                                                   r"\+ 1 = \d\.\d\d for 20 steps") as error:
         train.train_and_evaluate(config, tmp_path / "run", progress=False)
     message = str(error.value)
@@ -164,7 +163,7 @@ def test_an_exploding_loss_stops_and_no_diverged_checkpoint_is_left_latest(tmp_p
     assert sorted(int(p.name) for p in (workdir / "diverged_checkpoints").iterdir())
     if left:
         assert f"the latest checkpoint is step {max(left)}" in message
-        model, vocab, _ = loop.restore_model(workdir)
+        model, vocab, _ = checkpoint.restore_model(workdir)
         tokens = jnp.asarray(vocab.encode("the quick brown fox jumps over the lazy dog. ")[None], jnp.int32)
         logits = model(tokens[:, :-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
@@ -179,8 +178,8 @@ def test_cosine_schedule_reaches_its_final_rate_at_the_run_length():
     """`max_steps` is the cosine horizon (a max_steps run used to stop at 0.55 lr, never decayed).
     Fails if the horizon is num_epochs * steps_per_epoch or the warm-up is skipped."""
     config = tiny_config(**{"optimizer.warmup_steps": 4, "optimizer.learning_rate": 0.01})
-    pieces = train.lr_segments(config, 20)
-    lrs = [train.lr_at(pieces, t) for t in range(25)]
+    pieces = steps.lr_segments(config, 20)
+    lrs = [steps.lr_at(pieces, t) for t in range(25)]
     np.testing.assert_allclose(lrs[:5], [0.0, 0.0025, 0.005, 0.0075, 0.01], atol=1e-12)
     np.testing.assert_allclose(lrs[12], 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
     np.testing.assert_allclose(lrs[20:], [0.001] * 5)
@@ -192,15 +191,15 @@ def test_the_optimizer_applies_the_schedule_step_by_step():
     the RMSprop formula at the host-side rate. Fails if the traced schedule and lr_at disagree or
     are off by one step."""
     config = tiny_config(**{"optimizer.clip_norm": 0.0, "optimizer.warmup_steps": 2})
-    pieces = train.lr_segments(config, 6)
-    pieces, _ = train.continue_lr_segments(pieces, config, 4, 10)
-    tx = train.make_optimizer(config, 10, pieces)
+    pieces = steps.lr_segments(config, 6)
+    pieces, _ = steps.continue_lr_segments(pieces, config, 4, 10)
+    tx = steps.make_optimizer(config, 10, pieces)
     g, v = np.float64(0.5), 0.0
     params, opt_state = jnp.zeros(1), tx.init(jnp.zeros(1))
     for t in range(10):
         updates, opt_state = tx.update(jnp.full(1, g, jnp.float32), opt_state, params)
         v = 0.9 * v + 0.1 * g * g
-        np.testing.assert_allclose(float(updates[0]), -train.lr_at(pieces, t) * g / math.sqrt(v + 1e-7),
+        np.testing.assert_allclose(float(updates[0]), -steps.lr_at(pieces, t) * g / math.sqrt(v + 1e-7),
                                    rtol=1e-5, err_msg=f"update {t}")
 
 
@@ -214,12 +213,12 @@ def test_a_longer_run_continues_the_learning_rate_without_a_jump(resume_at, new_
     schedule never rises after the warm-up, and it ends at the final rate. Fails with the old
     behaviour (a fresh cosine over the new horizon: 0.1 lr -> 0.55 lr when doubling)."""
     config = tiny_config(**{"optimizer.warmup_steps": 4})
-    old = train.lr_segments(config, 20)
-    new, how = train.continue_lr_segments(old, config, resume_at, new_total)
+    old = steps.lr_segments(config, 20)
+    new, how = steps.continue_lr_segments(old, config, resume_at, new_total)
     assert expect in how
     for t in range(resume_at + 1):
-        assert train.lr_at(new, t) == pytest.approx(train.lr_at(old, t), rel=1e-9)
-    after = [train.lr_at(new, t) for t in range(max(resume_at, 4), new_total + 3)]
+        assert steps.lr_at(new, t) == pytest.approx(steps.lr_at(old, t), rel=1e-9)
+    after = [steps.lr_at(new, t) for t in range(max(resume_at, 4), new_total + 3)]
     assert all(a >= b - 1e-15 for a, b in zip(after, after[1:]))
     assert after[-1] == pytest.approx(config.optimizer.learning_rate * config.optimizer.final_lr_fraction)
 
@@ -266,15 +265,15 @@ def test_val_loss_and_val_last_loss_equal_a_numpy_reference_with_padding(tmp_pat
     val_loss = mean next-char loss over every position, val_last_loss = mean loss on the char
     after each window. Fails if the padding rows are counted, if val_loss averages per row
     instead of per char, or if val_last_loss takes another position."""
-    from lstm_jax import data, loop
+    from lstm_jax import data
     text = "".join(np.random.default_rng(0).choice(list("abcdefgh \n"), 3000))
     config = tiny_config(corpus=write_corpus(tmp_path, text), eval_window=12, eval_stride=4,
                          eval_max_windows=37, val_fraction=0.1)
-    plan = loop.plan_run(config)
+    plan = train.plan_run(config)
     assert len(plan.windows) == 37 and len(plan.windows) % plan.batch
-    tx = train.make_optimizer(config, 10)
-    graphdef, state = train.init_state(config, plan.model_cfg, tx, plan.mesh)
-    got = loop._Evaluator(plan, graphdef)(state.params)
+    tx = steps.make_optimizer(config, 10)
+    graphdef, state = steps.init_state(config, plan.model_cfg, tx, plan.mesh)
+    got = evaluate.Evaluator(plan, graphdef)(state.params)
     losses = []
     for row in plan.windows:
         logits = _numpy_logits(state.params, row[:-1])
@@ -327,13 +326,12 @@ def test_chars_per_s_excludes_evaluation_time_and_reports_it(tmp_path, repetitiv
     event's chars_per_s; its time is reported as eval_s. Fails with the old timer, which reset
     only on some flushes and counted the evaluation into the step rate."""
     import time as time_lib
-    from lstm_jax import loop
-    original = loop._Evaluator.__call__
+    original = evaluate.Evaluator.__call__
 
     def slow(self, params):
         time_lib.sleep(0.5)
         return original(self, params)
-    monkeypatch.setattr(loop._Evaluator, "__call__", slow)
+    monkeypatch.setattr(evaluate.Evaluator, "__call__", slow)
     config = tiny_config(corpus=repetitive_corpus, max_steps=40, log_every=5, eval_every=10)
     train.train_and_evaluate(config, tmp_path / "run", progress=False)
     events = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "chars_per_s" in r]
@@ -366,7 +364,7 @@ def test_a_carried_state_equals_running_the_whole_sequence_in_one_call():
     first, carry = model(tokens[:, :20], return_carry=True)
     second, _ = model(tokens[:, 20:40], carry, return_carry=True)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=1e-5, atol=1e-6)
-    _, from_loss = train.loss_fn(state.params, graphdef, tokens[:, :21], None, "stream")
+    _, from_loss = steps.loss_fn(state.params, graphdef, tokens[:, :21], None, "stream")
     for a, b in zip(jax.tree.leaves(from_loss), jax.tree.leaves(carry)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -377,12 +375,12 @@ def test_the_stream_step_carries_the_state_and_resets_it_at_each_epoch():
     (epochs would leak state across the per-epoch offset) or if the carry is not passed on."""
     config = tiny_config(objective="stream")
     mesh, tx, graphdef, state = _setup(config)
-    step = train.make_train_step(graphdef, tx, config, steps_per_epoch=2, mesh=mesh)
+    step = steps.make_train_step(graphdef, tx, config, steps_per_epoch=2, mesh=mesh)
     batches = [jnp.asarray(np.random.default_rng(i).integers(0, 20, (16, 21)), jnp.int32) for i in range(3)]
     for i, batch in enumerate(batches):
         params, carry = jax.tree.map(jnp.copy, (state.params, state.carry))
         start = None if i % 2 == 0 else carry                       # epoch boundaries: steps 0, 2
-        _, want = train.loss_fn(params, graphdef, batch, None, "stream", start)
+        _, want = steps.loss_fn(params, graphdef, batch, None, "stream", start)
         state, _ = step(state, batch, jax.random.key(0))
         for got, exp in zip(jax.tree.leaves(state.carry), jax.tree.leaves(want)):
             np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6, err_msg=f"step {i}")
@@ -398,8 +396,8 @@ def test_stream_gradient_accumulation_equals_the_full_batch_and_keeps_each_strea
     batch = jnp.asarray(np.random.default_rng(1).integers(0, 20, (16, 21)), jnp.int32)
     carry = jax.tree.map(lambda c: jax.random.normal(jax.random.key(7), c.shape) * 0.5, state.carry)
     key = jax.random.key(0)
-    full = train.loss_and_grads(state.params, graphdef, batch, key, objective="stream", accum_steps=1, carry=carry)
-    acc = train.loss_and_grads(state.params, graphdef, batch, key, objective="stream", accum_steps=4, carry=carry)
+    full = steps.loss_and_grads(state.params, graphdef, batch, key, objective="stream", accum_steps=1, carry=carry)
+    acc = steps.loss_and_grads(state.params, graphdef, batch, key, objective="stream", accum_steps=4, carry=carry)
     np.testing.assert_allclose(full[0], acc[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(full[1:]), jax.tree.leaves(acc[1:])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)   # sums in another order: ~1e-7 observed
@@ -410,12 +408,12 @@ def test_whole_text_evaluation_equals_a_numpy_reference(tmp_path):
     across calls, against a float64 NumPy LSTM run over each stream in one go. Fails if the
     carry is dropped between calls, if padding counts, or if a stream boundary char is skipped
     or counted twice."""
-    from lstm_jax import data, loop
+    from lstm_jax import data
     config = tiny_config()
     _, _, graphdef, state = _setup(config)
     params = jax.tree.map(lambda p: p * 4, state.params)   # a fresh init barely uses its state
     tokens = np.random.default_rng(5).integers(0, 20, 900)
-    evaluator = loop.TextEval(graphdef, train.model_config(config, 20), tokens,
+    evaluator = evaluate.TextEval(graphdef, steps.model_config(config, 20), tokens,
                               parallel.make_mesh(jax.devices()[:1]), streams=3)
     got = evaluator(params)
     streams, weight = data.text_streams(tokens, 3)
@@ -445,7 +443,7 @@ def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path,
     c.close()
     assert meta["total_steps"] == result.step < 20 * meta["steps_per_epoch"]
     assert meta["budget_fixed_for"] == 1.5
-    assert train.lr_at(meta["lr_pieces"], result.step) == pytest.approx(0.001)
+    assert steps.lr_at(meta["lr_pieces"], result.step) == pytest.approx(0.001)
     again = train.train_and_evaluate(config, tmp_path / "run", progress=False)
     out = capsys.readouterr().out
     assert again.step == result.step and "nothing to train" in out and "time budget" not in out
@@ -454,12 +452,12 @@ def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path,
 def test_an_early_loss_spike_that_recovers_is_not_divergence(tmp_path, repetitive_corpus, monkeypatch):
     """A loss above ln V + 1 for a few steps (RMSprop's first updates can do this) must not stop
     the run; fails if the guard stops at the first high loss."""
-    original = train.loss_fn
+    original = steps.loss_fn
 
     def spiky(params, graphdef, batch, key, objective, carry=None):
         loss, new_carry = original(params, graphdef, batch, key, objective, carry)
         return loss + 20.0 * (loss > 2.9), new_carry     # the first few (high-loss) steps spike
-    monkeypatch.setattr(train, "loss_fn", spiky)
+    monkeypatch.setattr(steps, "loss_fn", spiky)
     result = train.train_and_evaluate(tiny_config(corpus=repetitive_corpus, max_steps=30, log_every=1,
                                                   **{"optimizer.learning_rate": 0.02}),
                                       tmp_path / "run", progress=False)

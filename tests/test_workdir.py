@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config, write_corpus
-from lstm_jax import loop, workdir as workdir_lib
+from lstm_jax import train, workdir as workdir_lib
 from lstm_jax.workdir import WorkdirError, WorkdirLock
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 400
@@ -46,7 +46,7 @@ def corpus(tmp_path_factory):
 def saved_run(tmp_path_factory, corpus):
     """A finished 10-step run (one device, global batch 16) that the resume tests try to change."""
     workdir = tmp_path_factory.mktemp("saved") / "run"
-    loop.train_and_evaluate(config(corpus), workdir, progress=False)
+    train.train_and_evaluate(config(corpus), workdir, progress=False)
     return workdir
 
 
@@ -85,7 +85,7 @@ def test_a_resume_that_changes_the_run_is_refused_naming_the_field(saved_run, co
     accepted before)."""
     before = snapshot(saved_run)
     with pytest.raises(WorkdirError) as error:
-        loop.train_and_evaluate(config(corpus, max_steps=20, **overrides), saved_run, progress=False)
+        train.train_and_evaluate(config(corpus, max_steps=20, **overrides), saved_run, progress=False)
     message = str(error.value)
     assert named in message and "--new_run" in message, message
     assert snapshot(saved_run) == before
@@ -96,7 +96,7 @@ def test_a_changed_corpus_text_is_refused_even_with_the_same_vocabulary(saved_ru
     one word changed, other path."""
     other = write_corpus(tmp_path, TEXT.replace("lazy", "zany", 1))
     with pytest.raises(WorkdirError, match=r"corpus text: it differs"):
-        loop.train_and_evaluate(config(other, max_steps=20), saved_run, progress=False)
+        train.train_and_evaluate(config(other, max_steps=20), saved_run, progress=False)
 
 
 def test_settings_that_keep_the_trajectory_may_change_on_resume(tmp_path, corpus, saved_run):
@@ -106,7 +106,7 @@ def test_settings_that_keep_the_trajectory_may_change_on_resume(tmp_path, corpus
     import shutil
     workdir = shutil.copytree(saved_run, tmp_path / "run")
     moved = write_corpus(tmp_path, TEXT, "moved.txt")
-    result = loop.train_and_evaluate(
+    result = train.train_and_evaluate(
         config(moved, max_steps=12, log_every=1, eval_every=11, **{
             "checkpoint.every_steps": 11, "parallel.num_devices": 8, "batch_size": 0,
             "per_device_batch_size": 2, "model.backward": "autodiff", "sample.length": 7}),
@@ -155,7 +155,7 @@ def test_new_run_is_refused_while_another_trainer_holds_the_workdir(tmp_path, co
     held = WorkdirLock(workdir).acquire()
     try:
         with pytest.raises(WorkdirError, match="in use by another trainer"):
-            loop.train_and_evaluate(config(corpus), workdir, new_run=True, progress=False)
+            train.train_and_evaluate(config(corpus), workdir, new_run=True, progress=False)
     finally:
         held.release()
     assert snapshot(workdir) == before and not workdir.with_name("run.prev1").exists()
@@ -164,7 +164,7 @@ def test_new_run_is_refused_while_another_trainer_holds_the_workdir(tmp_path, co
 def test_new_run_leaves_a_directory_that_holds_no_run_in_place(tmp_path, corpus):
     """--new_run moves only runs (config.json or checkpoints/): never, say, the current directory."""
     (tmp_path / "notes.txt").write_text("mine")
-    loop.train_and_evaluate(config(corpus, max_steps=2), tmp_path, new_run=True, progress=False)
+    train.train_and_evaluate(config(corpus, max_steps=2), tmp_path, new_run=True, progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "config.json").exists()
 
 
@@ -207,7 +207,7 @@ def test_second_trainer_refused_then_kill_9_between_checkpoints_resumes_consiste
         _wait_for_step(workdir, proc, log, 3)
         config_before = (workdir / "config.json").read_bytes()
         with pytest.raises(WorkdirError, match=f"in use by another trainer \\(pid {proc.pid}, started"):
-            loop.train_and_evaluate(cfg, workdir, progress=False)
+            train.train_and_evaluate(cfg, workdir, progress=False)
         assert (workdir / "config.json").read_bytes() == config_before
         _wait_for_step(workdir, proc, log, 7)
         proc.send_signal(signal.SIGKILL)
@@ -219,8 +219,8 @@ def test_second_trainer_refused_then_kill_9_between_checkpoints_resumes_consiste
     assert 7 <= logged_before[-1] < 10, logged_before     # killed after step 5's checkpoint, before 10's
 
     with pytest.warns(RuntimeWarning, match="stale lock"):
-        resumed = loop.train_and_evaluate(cfg, workdir, progress=False)
-    reference = loop.train_and_evaluate(cfg, tmp_path / "reference", progress=False)
+        resumed = train.train_and_evaluate(cfg, workdir, progress=False)
+    reference = train.train_and_evaluate(cfg, tmp_path / "reference", progress=False)
     assert_same_arrays(param_arrays(resumed.model), param_arrays(reference.model))
 
     log_after = events(workdir)

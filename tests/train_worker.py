@@ -61,8 +61,8 @@ def _restore(workdir: str, out: str) -> int:
     import numpy as np
     from flax import nnx
 
-    from lstm_jax import train
-    model, vocab, config = train.restore_model(workdir)
+    from lstm_jax import checkpoint
+    model, vocab, config = checkpoint.restore_model(workdir)
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
     np.savez(out, **{jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves})
     print(f"train_worker: restored {len(leaves)} params on {jax.device_count()} device(s), "

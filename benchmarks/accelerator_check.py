@@ -196,8 +196,8 @@ def environment(host_plan) -> dict:
         info["torch_error"] = _error(e)
     info["peak"] = next((dict(v, matched=k) for k, v in PEAKS.items() if k in dev.device_kind), None)
     info["measured_gemm_tflops"] = _gemm_rates(dev.platform)
-    from lstm_jax import hostenv
-    info["host"] = hostenv.describe()
+    import hostbench
+    info["host"] = hostbench.describe()
     return info
 
 

@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    from lstm_jax import hostenv  # imports no JAX
+    import hostbench  # imports no JAX
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     layouts = args.layouts.split(",")
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
                                        "steps_per_s": round(r["steps_per_s"], 3),
                                        "speedup_vs_1x1": round(r["target_chars_per_s"] / base, 3) if base else None}
                          for r in rows if r["workload"]["name"] == name}
-    host = hostenv.describe()
+    host = hostbench.describe()
     host.pop("mallopt", None)   # the workers apply it; see rows[*] / mallopt in each worker
     host.update(machine=platform.machine(), device_kind=rows[0]["device_kind"] if rows else None,
                 loadavg_1min_end=os.getloadavg()[0])

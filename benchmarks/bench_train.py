@@ -10,7 +10,7 @@ Variants (cumulative, as in the performance issue):
   plain        autodiff backward (jax.grad of lax.scan), 1 CPU device, glibc malloc defaults, f32
   custom       + hand-written BPTT (recurrence.lstm_scan_custom_vjp)
   malloc       + glibc malloc tuned (hostenv.tune_cpu_allocator)
-  devices      + one XLA CPU device per core, batch split over them (hostenv.configure_cpu_devices:
+  devices      + one XLA CPU device per core, batch split over them (hostbench.configure_cpu_devices:
                also single-threaded devices and an intra-op pool of 2 threads per device)
   bf16         + bfloat16 matmul inputs (f32 accumulation, f32 cell state)
   plain_dev    autodiff backward + malloc + devices (the "straightforward step" on all cores)
@@ -194,8 +194,9 @@ def worker(spec: dict) -> None:
         applied = hostenv.tune_cpu_allocator(spec.get("mallopt") or None)
     import jax
     n_dev = spec["devices"]
-    hostenv.configure_cpu_devices(n_dev if n_dev else None,
-                                  single_threaded_devices=spec.get("single_threaded", True))
+    import hostbench
+    hostbench.configure_cpu_devices(n_dev if n_dev else None,
+                                    single_threaded_devices=spec.get("single_threaded", True))
     events = _compile_listener()
     wl = spec["workload"]
     t0 = time.perf_counter()
@@ -288,7 +289,8 @@ def start_child(name: str, wl: dict, args, gemm_peak: bool) -> Child:
             del env[k]
     if var["kind"] == "torch":
         if var["malloc"]:
-            env.update(hostenv.allocator_env())
+            import hostbench
+            env.update(hostbench.allocator_env())
         cmd = [sys.executable, str(ROOT / "benchmarks" / "torch_baseline.py"), "--serve",
                "--workloads-json", json.dumps([wl]), "--min-time", str(args.min_time)]
         return Child(name, cmd, env, args.timeout)
@@ -632,8 +634,8 @@ def main(argv=None) -> int:
                        "repeats": args.repeats, "min_time_s": args.min_time,
                        "load_avg_after": os.getloadavg(), "errors": errors,
                        "summary": table, "rows": rows}
-        from lstm_jax import hostenv
-        record["host"] = hostenv.describe()
+        import hostbench
+        record["host"] = hostbench.describe()
         record["host"]["machine"] = platform.machine()
         record["host"]["device_kind"] = "cpu"
         record["versions"] = _versions()

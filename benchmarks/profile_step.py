@@ -52,7 +52,8 @@ def main() -> None:
 
     from lstm_jax import hostenv
     hostenv.tune_cpu_allocator()
-    hostenv.configure_cpu_devices(args.devices)
+    import hostbench
+    hostbench.configure_cpu_devices(args.devices)
     import jax
     import numpy as np
     from lstm_jax import parallel, steps as train   # the steps module (was train.py)

@@ -272,7 +272,7 @@ def sample(argv: Sequence[str]) -> int:
     _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=False), debug)
     model, vocab, config = _friendly(lambda: checkpoint.restore_model(workdir, fv["step"].value), debug)
     try:
-        _friendly(lambda: sample_lib.write_samples(
+        _friendly(lambda: write_samples(
             model, vocab, out, num_samples=fv["num_samples"].value,
             length=fv["length"].value, temperature=temperatures, top_k=fv["top_k"].value,
             top_p=fv["top_p"].value, prime=prime, seed=fv["seed"].value,
@@ -283,6 +283,68 @@ def sample(argv: Sequence[str]) -> int:
         return 130 if e.signal_name == "SIGINT" else 143
     return 0
 
+
+
+class _NothingToKeep(Exception):
+    """Interrupted before the first row: the temporary file goes, `--out` stays as it was."""
+
+
+def write_samples(model, vocab, out: Optional[str] = None, *, num_samples: int = 1,
+                  progress: bool = True, **kwargs) -> int:
+    """Streams `sample.Sampler` rows as JSONL ({index, temperature, prime, text}) to `out`, chunk
+    by chunk, or as plain text to stdout when `out` is None; a tqdm bar counts rows when there is
+    more than one chunk. Takes `sample.generate`'s keyword arguments; returns the rows written.
+
+    Every argument is checked before anything is opened. `out` is written through
+    `files.atomic_open`, so an existing file survives a bad argument or a crash. On SIGINT/SIGTERM
+    the rows finished so far are kept (renamed into `out`, valid JSONL) and SamplingInterrupted
+    says how many.
+    """
+    import json
+    from tqdm import tqdm
+    from lstm_jax import files
+    from lstm_jax import sample as sample_lib
+    sampler = sample_lib.Sampler(model, vocab, mesh=kwargs.pop("mesh", None))
+    plan = sampler.plan(num_samples, **kwargs)
+    if out and os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out}/samples.jsonl")
+    written, stopped_by = 0, None
+    chunks = sampler.run(plan)
+    try:
+        with files.atomic_open(out) if out else contextlib.nullcontext(sys.stdout) as f:
+            kept_bytes = 0
+            try:
+                with tqdm(total=num_samples, unit="sample", file=sys.stderr,
+                          disable=not progress or plan.rows >= num_samples) as bar:
+                    for chunk in chunks:
+                        for i, t, p, text in zip(chunk.index, chunk.temperature, chunk.prime, chunk.texts):
+                            if out:
+                                f.write(json.dumps({"index": int(i), "temperature": float(t),
+                                                    "prime": p, "text": text}, ensure_ascii=False) + "\n")
+                            else:
+                                head = f"----- sample {i}, temperature {float(t):g}\n" if num_samples > 1 else ""
+                                f.write(f"{head}{p}{text}\n")
+                        f.flush()
+                        written += len(chunk.texts)
+                        kept_bytes = f.tell() if out else 0
+                        bar.update(len(chunk.texts))
+            except (sample_lib.SamplingInterrupted, KeyboardInterrupt) as e:
+                stopped_by = getattr(e, "signal_name", "SIGINT")
+                if out and not written:
+                    raise _NothingToKeep from None
+                if out:   # keep the finished rows: cut a row half-written by a second Ctrl-C
+                    f.truncate(kept_bytes)
+    except _NothingToKeep:
+        pass
+    finally:
+        chunks.close()
+    if stopped_by:
+        where = (f"{out} was left as it was" if out and not written else
+                 f"{out} holds the {written:,} finished rows (valid JSONL)" if out else
+                 f"wrote the {written:,} finished rows")
+        raise sample_lib.SamplingInterrupted(f"sampling interrupted by {stopped_by} after {written:,} of "
+                                             f"{num_samples:,} rows; {where}", stopped_by, written)
+    return written
 
 def evaluate(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()

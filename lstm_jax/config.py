@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0          # dropout between layers and before the head (training only)
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
     c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays f32)
-    c.model.param_dtype = "float32"
+    c.model.param_dtype = "float32"   # parameter (and optimizer state) dtype
     c.model.backward = "custom"    # custom (hand BPTT) | autodiff (jax.grad of the scan) | cudnn (GPU)
     # --- optimisation ---------------------------------------------------------------------------
     c.optimizer = ml_collections.ConfigDict()
@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 5.0        # global-norm gradient clipping; 0 disables (Keras reference: none)
     c.optimizer.schedule = "cosine"    # constant | cosine (decays to lr * final_lr_fraction)
     c.optimizer.warmup_steps = 0       # linear warm-up steps
-    c.optimizer.final_lr_fraction = 0.1
+    c.optimizer.final_lr_fraction = 0.1  # the cosine ends at learning_rate x this
     c.num_epochs = 8                   # passes over the training split
     c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
     c.time_budget_s = 0.0              # if > 0, as many steps as fit in this much training time

@@ -12,9 +12,10 @@ import glob
 import hashlib
 import os
 import pathlib
-import tempfile
 import urllib.error
 import urllib.request
+
+from lstm_jax import files
 
 NIETZSCHE_URL = "https://s3.amazonaws.com/text-datasets/nietzsche.txt"
 NIETZSCHE_SHA256 = "23cf69874ab69d3d256099ab530ea4be24d47d9675b673bcc67cbcd6298ec647"
@@ -50,28 +51,23 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str) -> pathlib.Pat
     """Fetch ``url`` into ``dest`` atomically; nothing is left at ``dest`` unless the hash matches."""
     dest = pathlib.Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = pathlib.Path(tmp_name)
     try:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+        with files.atomic_open(dest, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             for chunk in iter(lambda: resp.read(1 << 16), b""):
                 digest.update(chunk)
                 out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise CorpusError(
-                f"checksum mismatch downloading {url}: expected sha256 {sha256}, got "
-                f"{digest.hexdigest()}; nothing was saved. Retry later, or download the file "
-                f"yourself, verify it, and put it in $LSTM_JAX_DATA_DIR."
-            )
-        os.replace(tmp, dest)
+            if digest.hexdigest() != sha256:   # inside the block: nothing is renamed into dest
+                raise CorpusError(
+                    f"checksum mismatch downloading {url}: expected sha256 {sha256}, got "
+                    f"{digest.hexdigest()}; nothing was saved. Retry later, or download the file "
+                    f"yourself, verify it, and put it in $LSTM_JAX_DATA_DIR."
+                )
     except (urllib.error.URLError, OSError) as e:
         raise CorpusError(
             f"could not download {url} to {dest}: {e}. Check your network, or download it "
             f"manually into $LSTM_JAX_DATA_DIR, or use the offline source 'builtin'."
         ) from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return dest
 
 

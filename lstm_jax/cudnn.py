@@ -7,8 +7,8 @@ parameters), and `unpack_weights` is its exact inverse. The packed layout is jax
 (PyTorch's nn.LSTM names): per layer W_ih (4H, I) then W_hh (4H, H), all layers' matrices first,
 then per layer b_ih (4H,) and b_hh (4H,). Both libraries use our gate order i, f, g, o. Ours has one
 bias; it goes to b_ih and b_hh is zero (unpacking adds them back). Packing costs one read and write
-of the weights per step (3x1024: ~100 MB, tens of microseconds on an H100-class GPU), against
-steps that run for milliseconds.
+of the weights per step (3 layers x 1024 units: ~100 MB), small beside a step's recurrent GEMMs
+(not measured here; benchmarks/ holds the measurements).
 
 Layer 0 and the embedding: our first layer's input weights double as the embedding (tokens gather
 rows of `layers[0].kernel_in`), but cuDNN takes dense inputs. We feed it the one-hot tokens

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from lstm_jax import corpora
+from lstm_jax import corpora, files
 
 
 class DataError(ValueError):
@@ -127,7 +127,7 @@ class Vocab:
         return cls(tuple(d["chars"]))
 
     def save(self, path: os.PathLike) -> None:
-        atomic_write_text(path, self.to_json())
+        files.atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: os.PathLike, fix: str = "restore it from the run's checkpoint metadata "
@@ -139,14 +139,6 @@ class Vocab:
 
 
 _BYTE_CHARS = tuple(chr(i) for i in range(256))
-
-
-def atomic_write_text(path: os.PathLike, text: str) -> None:
-    """Writes via a temporary file and rename, so a crash never leaves a half-written file."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -334,12 +326,11 @@ def prepare(text: str, out_dir: os.PathLike, val_fraction: float, vocab: Optiona
     vocab = vocab or Vocab.from_text(text)
     train, val = split_tokens(vocab.encode(text), val_fraction)
     for name, arr in (("train.bin", train), ("val.bin", val)):
-        tmp = out / f".{name}.tmp"
-        arr.astype(vocab.dtype).tofile(tmp)
-        os.replace(tmp, out / name)
+        with files.atomic_open(out / name, "wb") as f:
+            arr.astype(vocab.dtype).tofile(f)
     vocab.save(out / "vocab.json")
     import hashlib   # the text's fingerprint, so a run on the prepared arrays resumes as the text
-    atomic_write_text(out / "meta.json", json.dumps(
+    files.atomic_write_text(out / "meta.json", json.dumps(
         {"dtype": vocab.dtype.name, "train_tokens": int(len(train)), "val_tokens": int(len(val)),
          "val_fraction": val_fraction,
          "fingerprint": hashlib.sha256(text.encode("utf-8")).hexdigest()}))

@@ -12,8 +12,7 @@ The knobs, each applied to *this* process only, none of which initialises JAX:
   temporaries (MBs) every step; with glibc's defaults they are fresh `mmap`s (page faults, `munmap`)
   or heap tops trimmed back to the kernel. No mmap + no trim keeps them on the heap, warm. Only the
   pair helps (either setting alone was slower than neither); with one device per core the
-  per-device buffers are small enough that it makes no difference. `allocator_env()` gives the
-  same settings as MALLOC_* environment variables for a child process (e.g. a PyTorch baseline).
+  per-device buffers are small enough that it makes no difference.
 * CPU device count (`jax_num_cpu_devices`): one device per core lets a data-parallel step (batch
   split over a 'data' mesh) use every core. Pays off where one device's per-timestep matmuls are
   too small to use several cores (`recommended_cpu_devices`).
@@ -24,14 +23,10 @@ The knobs, each applied to *this* process only, none of which initialises JAX:
   one shared pool; a device waiting in the in-process all-reduce holds a thread, and so does the
   dispatch of the next step. With fewer threads the train step aborts under load ("Termination
   timeout for all reduce ... Expected 8 threads to join the rendezvous, but only 7 of them
-  arrived"): 8 forced devices on 2 busy cores aborted with pools of 8 to 15 threads and ran with
-  16 (tests/test_hostenv.py soaks it). An explicit PJRT_NPROC below that bound is refused
+  arrived"; tests/test_hostenv.py soaks it, benchmarks/README.md has the measurements). An explicit PJRT_NPROC below that bound is refused
   (`UnsafeHostSetting`).
 * `--xla_cpu_multi_thread_eigen=false` with several devices: each device's matmuls run on its own
   thread (less oversubscription); this flag alone does not stop the all-reduce abort.
-* `cpu_xla_flags(max_isa=...)`: optional, e.g. `--xla_cpu_max_isa=AVX512_BF16` where the CPU exposes
-  native bf16 dot instructions (`cpu_has_native_bf16()`); on AVX2-only hosts bf16 matmuls are
-  emulated and slower than float32.
 
 Start-up order in a CLI (before anything touches JAX arrays):
 
@@ -41,6 +36,8 @@ Start-up order in a CLI (before anything touches JAX arrays):
     ...                                   # then build mesh, model, train
 
 Measurements behind each choice: benchmarks/README.md and benchmarks/results/train_cpu.json.
+Benchmark-only helpers (`configure_cpu_devices`, `allocator_env`, `describe`) live in
+benchmarks/hostbench.py.
 """
 from __future__ import annotations
 
@@ -79,17 +76,6 @@ _PARAMS = {
     "M_MMAP_MAX": M_MMAP_MAX,
     "M_ARENA_TEST": M_ARENA_TEST,
     "M_ARENA_MAX": M_ARENA_MAX,
-}
-
-# The same settings as environment variables glibc reads at start-up (for a child process such as
-# a PyTorch baseline; they do nothing once the process is running).
-_ENV_NAMES = {
-    "M_TRIM_THRESHOLD": "MALLOC_TRIM_THRESHOLD_",
-    "M_TOP_PAD": "MALLOC_TOP_PAD_",
-    "M_MMAP_THRESHOLD": "MALLOC_MMAP_THRESHOLD_",
-    "M_MMAP_MAX": "MALLOC_MMAP_MAX_",
-    "M_ARENA_TEST": "MALLOC_ARENA_TEST",
-    "M_ARENA_MAX": "MALLOC_ARENA_MAX",
 }
 
 _applied: dict[str, int] = {}
@@ -146,12 +132,6 @@ def tune_cpu_allocator(settings: Optional[dict[str, int]] = None) -> dict[str, i
             applied[name] = int(value)
     _applied.update(applied)
     return applied
-
-
-def allocator_env(settings: Optional[dict[str, int]] = None) -> dict[str, str]:
-    """The environment variables that give a *child* process the same glibc malloc settings."""
-    settings = DEFAULT_MALLOPT if settings is None else settings
-    return {_ENV_NAMES[k]: str(v) for k, v in settings.items()}
 
 
 def applied_allocator_settings() -> dict[str, int]:
@@ -215,11 +195,6 @@ def guess_platform() -> str:
         except metadata.PackageNotFoundError:
             continue
     return "cpu"
-
-
-def default_backend_is_cpu() -> bool:
-    """Best guess, without initialising JAX, that the default backend will be the CPU."""
-    return guess_platform() == "cpu"
 
 
 # --- the decision: a pure function of its arguments ----------------------------------------------
@@ -421,31 +396,6 @@ def setup_host(*, hidden_size: int, batch_size: int, cpu_devices: int = 0,
     return plan
 
 
-def configure_cpu_devices(n: Optional[int] = None, *,
-                          single_threaded_devices: bool = True) -> Optional[int]:
-    """Makes JAX's CPU backend expose `n` devices (default: one per core); returns n, or None.
-
-    For library users and benchmarks (the CLI calls `setup_host`). Must be called before JAX
-    initialises its backends (the first computation, array or `jax.devices()` call; importing jax
-    is fine); called too late it changes nothing, warns, and returns None. An explicit
-    `jax_num_cpu_devices` or `--xla_force_host_platform_device_count` keeps its count (returns
-    None), but the XLA:CPU pool is still sized for that effective count. Off the CPU
-    (`guess_platform()`) it does nothing and returns None. With more than one device: a pool of at
-    least 2 threads per device (PJRT_NPROC, unless set; an explicit one below that raises
-    UnsafeHostSetting) and, with `single_threaded_devices`, `--xla_cpu_multi_thread_eigen=false`.
-    """
-    if n is not None and int(n) < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    plan = plan_host(platform=guess_platform(), hidden_size=0, batch_size=0,
-                     cpu_devices=-1 if n is None else int(n), tune_allocator=False,
-                     env=dict(os.environ), cores=cpu_count(),
-                     jax_num_cpu_devices=_jax_num_cpu_devices(),
-                     single_threaded_devices=single_threaded_devices)
-    if plan.platform != "cpu" or not apply_plan(plan):
-        return None
-    return plan.num_cpu_devices
-
-
 # Bounds of the auto rule, from the batch grid on 2 cores (benchmarks/README.md, "Training speed"):
 # one device per core won at hidden 128 and 256 for every batch size measured, one device from
 # hidden 512 on; and one device won at large vocabularies (LSTM(256), B=32: two devices ahead at
@@ -470,55 +420,3 @@ def recommended_cpu_devices(hidden_size: int, batch_size: int = 128,
             or vocab_size > PER_CORE_DEVICES_MAX_VOCAB):
         return 1
     return cores
-
-
-def cpu_xla_flags(max_isa: Optional[str] = None, extra: tuple[str, ...] = ()) -> str:
-    """Appends XLA CPU flags to `XLA_FLAGS` (effective until JAX initialises its backends); returns
-    the new value.
-
-    `max_isa` sets `--xla_cpu_max_isa` (e.g. "AVX512_BF16" on a Zen 4 / Sapphire Rapids host whose
-    kernel exposes AVX-512; bf16 matmul inputs only pay off where the CPU has native bf16 dot
-    instructions, see `cpu_has_native_bf16`). Flags already present are not duplicated. CPU-only
-    flags: no effect on GPU/TPU computations.
-    """
-    if _backends_initialized():
-        warnings.warn("cpu_xla_flags(): JAX backends are initialised; XLA_FLAGS is read already.",
-                      RuntimeWarning, stacklevel=2)
-    new = list(extra) + ([f"--xla_cpu_max_isa={max_isa}"] if max_isa else [])
-    for f in new:
-        _add_xla_flag(f)
-    return os.environ.get("XLA_FLAGS", "")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True if the CPU advertises AVX512_BF16 or AMX-BF16 (Linux /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
-
-
-def describe() -> dict:
-    """Host facts for benchmark records: cores, libc, bf16 support, applied settings."""
-    info = {
-        "cpu_count": cpu_count(),
-        "libc": "-".join(platform.libc_ver()),
-        "native_bf16": cpu_has_native_bf16(),
-        "mallopt": applied_allocator_settings(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "pjrt_nproc": os.environ.get("PJRT_NPROC", ""),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info

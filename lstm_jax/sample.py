@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
-import sys
 from typing import Iterator, Optional, Sequence, Union
 
 import jax
@@ -485,69 +482,6 @@ def generate(model: nnx.Module, vocab, *, num_samples: int = 1, length: int = 40
     return Sampler(model, vocab, mesh=mesh).generate(
         num_samples, length, temperature=temperature, top_k=top_k, top_p=top_p, prime=prime,
         seed=seed, chunk_size=chunk_size, unknown=unknown, context=context, window=window)
-
-
-def write_samples(model: nnx.Module, vocab, out: Optional[str] = None, *, num_samples: int = 1,
-                  progress: bool = True, **kwargs) -> int:
-    """Streams samples as JSONL ({index, temperature, prime, text}) to `out`, chunk by chunk, or as
-    plain text to stdout when `out` is None; a tqdm bar counts rows when there is more than one
-    chunk. Takes `generate`'s keyword arguments; returns the number of rows written.
-
-    Every argument is checked before anything is opened. `out` is written to a temporary file
-    beside it and renamed at the end, so an existing file survives a bad argument or a crash. On
-    SIGINT/SIGTERM the rows finished so far are kept (renamed into `out`, valid JSONL) and
-    SamplingInterrupted says how many.
-    """
-    from tqdm import tqdm
-    sampler = Sampler(model, vocab, mesh=kwargs.pop("mesh", None))
-    plan = sampler.plan(num_samples, **kwargs)
-    if out and os.path.isdir(out):
-        raise ValueError(f"--out {out} is a directory; give a file name such as {out}/samples.jsonl")
-    tmp = os.path.join(os.path.dirname(out) or ".", f".{os.path.basename(out)}.{os.getpid()}.tmp") if out else None
-    f = open(tmp, "w", encoding="utf-8") if out else sys.stdout
-    written = kept_bytes = 0
-    chunks = sampler.run(plan)
-    try:
-        with tqdm(total=num_samples, unit="sample", file=sys.stderr,
-                  disable=not progress or plan.rows >= num_samples) as bar:
-            for chunk in chunks:
-                for i, t, p, text in zip(chunk.index, chunk.temperature, chunk.prime, chunk.texts):
-                    if out:
-                        f.write(json.dumps({"index": int(i), "temperature": float(t), "prime": p,
-                                            "text": text}, ensure_ascii=False) + "\n")
-                    else:
-                        head = f"----- sample {i}, temperature {float(t):g}\n" if num_samples > 1 else ""
-                        f.write(f"{head}{p}{text}\n")
-                f.flush()
-                written += len(chunk.texts)
-                kept_bytes = f.tell() if out else 0
-                bar.update(len(chunk.texts))
-    except (SamplingInterrupted, KeyboardInterrupt) as e:
-        name = getattr(e, "signal_name", "SIGINT")
-        if out and not written:
-            f.close()
-            os.remove(tmp)
-            where = f"{out} was left as it was"
-        elif out:  # keep the finished rows: cut a row half-written by a second Ctrl-C, then rename
-            f.truncate(kept_bytes)
-            f.close()
-            os.replace(tmp, out)
-            where = f"{out} holds the {written:,} finished rows (valid JSONL)"
-        else:
-            where = f"wrote the {written:,} finished rows"
-        raise SamplingInterrupted(f"sampling interrupted by {name} after {written:,} of "
-                                  f"{num_samples:,} rows; {where}", name, written) from None
-    except BaseException:
-        if out:
-            f.close()
-            os.remove(tmp)
-        raise
-    finally:
-        chunks.close()
-    if out:
-        f.close()
-        os.replace(tmp, out)
-    return written
 
 
 def block_steps(steps: int, flops_per_step: float) -> int:

@@ -315,16 +315,22 @@ def _zero_carry(config, model_cfg: ModelConfig, batch: int):
 
 def init_state(config, model_cfg: ModelConfig, tx, mesh, batch: Optional[int] = None
                ) -> tuple[nnx.GraphDef, TrainState]:
-    """Builds params and optimizer state directly in their placement (replicated; a stream
-    carry sharded over 'data'). `batch`: the run's global batch (default: the config's)."""
+    """(graphdef, a fresh state) on `mesh` for a global `batch` (default: the config's); see
+    `init_like`."""
     graphdef, abstract = abstract_state(config, model_cfg, tx, mesh, batch=batch)
+    return graphdef, init_like(config, model_cfg, tx, abstract)
+
+
+def init_like(config, model_cfg: ModelConfig, tx, abstract: TrainState) -> TrainState:
+    """A fresh state with `abstract`'s shapes, built directly in its shardings (replicated; a
+    stream carry sharded over 'data'): nothing lands on device 0 first."""
     carry_rows = None if abstract.carry is None else abstract.carry[0][0].shape[0]
 
     def init():
         params = nnx.state(CharLSTM(model_cfg, rngs=nnx.Rngs(config.seed)), nnx.Param)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           carry=_zero_carry(config, model_cfg, carry_rows))
-    return graphdef, jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
+    return jax.jit(init, out_shardings=jax.tree.map(lambda a: a.sharding, abstract))()
 
 
 def global_batch_size(config, mesh) -> int:

@@ -198,7 +198,7 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
         if saved is not None:   # a run stopped before its first checkpoint: same contract
             vocab = workdir_lib.read_json(workdir / "vocab.json") or {}
             check({"config": saved, "vocab": vocab.get("chars", described["vocab"])})
-        _, state = steps.init_state(config, plan.model_cfg, plan.tx, plan.mesh, plan.batch)
+        state = steps.init_like(config, plan.model_cfg, plan.tx, plan.abstract_state)
         start = _Start(state, 0, steps.lr_segments(config, plan.total_steps),
                        total_steps=plan.total_steps)
     if parallel.is_main_process():

@@ -19,8 +19,9 @@ import pathlib
 import shutil
 import socket
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
+from lstm_jax import files
 from lstm_jax.config import RESUMABLE_FIELDS, flat_items
 
 LOCK = "lock"
@@ -190,9 +191,7 @@ class MetricsLog:
         if path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                     if _step_of(line) is not None and _step_of(line) <= start_step]
-            tmp = path.with_name(f".{METRICS}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
+            files.atomic_write_text(path, "".join(kept))
         self._f = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -235,11 +234,4 @@ def read_json(path: pathlib.Path) -> Optional[Any]:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    from lstm_jax.data import atomic_write_text
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def changed_fields(saved_config: dict, config_json: dict, names: Iterable[str]) -> dict:
-    """{name: (saved, now)} for the given fields that differ."""
-    old, new = _flat(saved_config), _flat(config_json)
-    return {n: (old.get(n), new.get(n)) for n in names if old.get(n) != new.get(n)}
+    files.atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False))

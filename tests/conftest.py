@@ -1,14 +1,13 @@
 """Test setup: 8 fake CPU devices (before JAX initialises), tiny configs, no network."""
 import os
 import pathlib
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two XLA:CPU pool threads per fake device: with one per device the in-process all-reduce can
-# starve and abort (see lstm_jax.hostenv.configure_cpu_devices).
+# starve and abort (see lstm_jax.hostenv, MIN_POOL_THREADS_PER_DEVICE).
 os.environ.setdefault("PJRT_NPROC", "16")
 
 import jax  # noqa: E402
@@ -41,6 +40,51 @@ def tiny_config(**overrides):
             target = target[p]
         target[leaf] = value
     return c
+
+
+def cli_flags(config) -> list[str]:
+    """`--config.FIELD=VALUE` for every field where `config` differs from the default config."""
+    from lstm_jax.config import flat_items, get_config
+    default = dict(flat_items(get_config()))
+    flags = []
+    for name, value in flat_items(config):
+        if value != default[name]:
+            assert not isinstance(value, (tuple, list)), f"cannot pass {name}={value!r} as a flag"
+            flags.append(f"--config.{name}={value}")
+    return flags
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a multi-process coordinator)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def param_arrays(model) -> dict:
+    """A model's parameters as host arrays, by path."""
+    import numpy as np
+    from flax import nnx
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def assert_same_arrays(got: dict, want: dict) -> None:
+    import numpy as np
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def latest_step(workdir):
+    """The newest checkpoint step of a workdir (read-only)."""
+    from lstm_jax import checkpoint
+    checkpointer = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
 
 
 def write_corpus(tmp_path, text: str, name: str = "corpus.txt") -> str:

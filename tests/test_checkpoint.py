@@ -23,12 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
-from conftest import REPO, tiny_config, write_corpus
+from conftest import (REPO, assert_same_arrays, cli_flags, latest_step, param_arrays, tiny_config,
+                      write_corpus)
 from lstm_jax import checkpoint as ckpt
 from lstm_jax import cli, evaluate, steps, train
-from lstm_jax.config import flat_items, get_config
 from lstm_jax.workdir import WorkdirError
 
 WORKER = REPO / "tests" / "train_worker.py"
@@ -40,23 +39,6 @@ BASE = {"model.hidden_size": 16, "max_steps": 20, "checkpoint.every_steps": 5,
 
 def base_config(corpus: str, **overrides):
     return tiny_config(corpus=corpus, **{**BASE, **overrides})
-
-
-def cli_flags(config) -> list[str]:
-    """`--config.FIELD=VALUE` for every field where `config` differs from the default config."""
-    default = dict(flat_items(get_config()))
-    return [f"--config.{name}={value}" for name, value in flat_items(config) if default[name] != value]
-
-
-def param_arrays(model) -> dict:
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def assert_same_arrays(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def checkpoint_arrays(workdir, step: int) -> dict:
@@ -79,14 +61,6 @@ def steps_on_disk(workdir) -> list[int]:
 def tmp_dirs(workdir) -> list[str]:
     return sorted(p.name for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
                   if TMP_SUFFIX in p.name)
-
-
-def latest_step(workdir):
-    checkpointer = ckpt.Checkpointer(workdir, read_only=True)
-    try:
-        return checkpointer.latest_step()
-    finally:
-        checkpointer.close()
 
 
 def read_metadata(workdir, step=None) -> dict:

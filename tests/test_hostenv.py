@@ -16,6 +16,9 @@ import pytest
 from lstm_jax import hostenv
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"     # hostbench.py: the benchmark-only host helpers
+sys.path.insert(0, str(BENCHMARKS))
+import hostbench  # noqa: E402
 
 
 def _fresh_env(**extra) -> dict:
@@ -186,7 +189,8 @@ def test_setup_host_changes_nothing_when_the_run_is_on_an_accelerator():
 
 
 def test_configure_cpu_devices_in_fresh_process():
-    code = ("from lstm_jax import hostenv; import os, jax; n = hostenv.configure_cpu_devices(2); "
+    code = (f"import sys; sys.path.insert(0, {str(BENCHMARKS)!r}); "
+            "import hostbench; import os, jax; n = hostbench.configure_cpu_devices(2); "
             "print(n, jax.device_count(), os.environ.get('PJRT_NPROC'), os.environ.get('XLA_FLAGS'))")
     proc = _run(code, _fresh_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -202,7 +206,7 @@ def test_configure_cpu_devices_too_late_warns(monkeypatch):
         pytest.skip("jax_num_cpu_devices was set explicitly in this process")
     jax.devices()  # backends are initialised in this process
     with pytest.warns(RuntimeWarning, match="before any JAX computation"):
-        assert hostenv.configure_cpu_devices(2) is None
+        assert hostbench.configure_cpu_devices(2) is None
 
 
 # --- the allocator -----------------------------------------------------------------------------
@@ -246,7 +250,7 @@ def test_tune_cpu_allocator_takes_effect():
 
 
 def test_allocator_env_and_unknown_parameter():
-    env = hostenv.allocator_env()
+    env = hostbench.allocator_env()
     assert env["MALLOC_ARENA_MAX"] == "1" and env["MALLOC_MMAP_MAX_"] == "0"
     with pytest.raises(ValueError, match="M_NOPE"):
         hostenv.tune_cpu_allocator({"M_NOPE": 1})

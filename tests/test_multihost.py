@@ -3,31 +3,23 @@ training: a SIGTERM to one of them stops both at the same step with one collecti
 carry sharded across the processes included), and the resumed run is bit-exact."""
 import json
 import os
-import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, tiny_config, write_corpus
+from conftest import (REPO, assert_same_arrays, cli_flags, free_port, latest_step, param_arrays,
+                      tiny_config, write_corpus)
 from lstm_jax import checkpoint
-from test_checkpoint import assert_same_arrays, cli_flags, latest_step, param_arrays
 
 WORKER = REPO / "tests" / "train_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(config, workdir, tmp_path, name, **env) -> list[subprocess.Popen]:
-    port = _free_port()
+    port = free_port()
     environ = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "LSTM_JAX_TEST_DEVICES": "1",
                "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(REPO)]), **env}
     procs = []

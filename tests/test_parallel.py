@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 
@@ -23,9 +22,8 @@ import pytest
 from flax import nnx
 
 from asserts import assert_trees_close
-from conftest import tiny_config, write_corpus
+from conftest import cli_flags, free_port, tiny_config, write_corpus
 from lstm_jax import checkpoint, cli, data, parallel, steps, train
-from lstm_jax.config import flat_items, get_config
 
 STEP_ATOL = 1e-7   # unit steps: observed max |error| 3.2e-8
 RUN_ATOL = 1.8e-7  # four training steps: observed max |error| 6.0e-8
@@ -193,29 +191,12 @@ def _run_config(corpus: str, **overrides):
         "checkpoint.every_steps": 2, "parallel.tune_allocator": False, **overrides})
 
 
-def _config_flags(config) -> list[str]:
-    """--config.FIELD=VALUE for every field that differs from the CLI's default config."""
-    default = dict(flat_items(get_config()))
-    flags = []
-    for name, value in flat_items(config):
-        if value != default[name]:
-            assert not isinstance(value, (tuple, list)), f"cannot pass {name}={value!r} as a flag"
-            flags.append(f"--config.{name}={value}")
-    return flags
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(config, workdir: pathlib.Path, timeout: float = 150) -> list[str]:
     """Two `lstm-jax train` processes x 2 fake CPU devices, coordinated over 127.0.0.1."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    flags = ["--workdir", str(workdir), "--progress=false", *_config_flags(config)]
+    flags = ["--workdir", str(workdir), "--progress=false", *cli_flags(config)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), "2", "--", *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(2)]

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config, write_corpus
+from conftest import REPO, assert_same_arrays, cli_flags, param_arrays, tiny_config, write_corpus
 from lstm_jax import train, workdir as workdir_lib
 from lstm_jax.workdir import WorkdirError, WorkdirLock
 
@@ -200,7 +200,6 @@ def test_second_trainer_refused_then_kill_9_between_checkpoints_resumes_consiste
     with elapsed_s restarting at 0."""
     workdir, log = tmp_path / "run", tmp_path / "worker.log"
     cfg = config(corpus, max_steps=20, log_every=1)
-    from test_checkpoint import cli_flags, param_arrays, assert_same_arrays
     proc = _start_worker(["train", "--workdir", str(workdir), "--progress=False", *cli_flags(cfg)], log,
                          LSTM_JAX_TEST_STEP_SLEEP="0.15")
     try:

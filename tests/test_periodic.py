@@ -1,0 +1,201 @@
+"""The training loop's periodic pieces, each alone (lstm_jax.periodic and lstm_jax.signals): the
+divergence check, early stopping, the time budget, the metrics meter, and stop signals. The loop
+that wires them together is tested end to end in test_train.py / test_workdir.py."""
+import math
+import os
+import signal
+import types
+
+import numpy as np
+import pytest
+
+from lstm_jax import periodic, signals
+from conftest import tiny_config
+
+
+# --- divergence ---------------------------------------------------------------------------------
+
+def test_a_non_finite_loss_diverges_at_its_step():
+    check = periodic.DivergenceCheck(vocab_size=10)
+    check.train_loss(1, 2.0)
+    with pytest.raises(periodic.Diverged) as e:
+        check.train_loss(2, math.nan)
+    assert (e.value.step, e.value.what) == (2, "train_loss")
+
+
+def test_a_loss_above_ln_v_plus_margin_diverges_after_divergence_steps_from_the_first_bad_one():
+    check = periodic.DivergenceCheck(vocab_size=10)
+    high = math.log(10) + periodic.DIVERGENCE_MARGIN + 0.5
+    for step in range(100, 100 + periodic.DIVERGENCE_STEPS - 1):   # a spike that recovers
+        check.train_loss(step, high)
+    check.train_loss(200, 1.0)
+    assert check.bad_since is None
+    for step in range(300, 300 + periodic.DIVERGENCE_STEPS - 1):
+        check.train_loss(step, high)
+    with pytest.raises(periodic.Diverged) as e:
+        check.train_loss(300 + periodic.DIVERGENCE_STEPS - 1, high)
+    assert (e.value.step, e.value.what, e.value.value) == (300, "train_loss", high)
+
+
+def test_a_validation_loss_at_the_limit_diverges():
+    check = periodic.DivergenceCheck(vocab_size=10)
+    check.val_loss(5, math.log(10))
+    with pytest.raises(periodic.Diverged, match="val_loss"):
+        check.val_loss(6, math.log(10) + periodic.DIVERGENCE_MARGIN)
+
+
+# --- early stopping -----------------------------------------------------------------------------
+
+def test_early_stop_counts_evaluations_without_a_new_best():
+    stop = periodic.EarlyStop("val_loss", patience=2, best=None)
+    stop.update(10, {"val_loss": 2.0})
+    stop.update(20, {"val_text_bpc": 9.0})   # another metric: not an evaluation of this one
+    stop.update(30, {"val_loss": 2.5})
+    assert not stop.stop and stop.best == {"step": 10, "value": 2.0, "evals_since": 1}
+    stop.update(40, {"val_loss": 2.0})       # equal is not better
+    assert stop.stop and "not improved for 2 evaluations (best 2.0000 at step 10" in stop.message()
+
+
+def test_early_stop_resumes_from_the_saved_best_and_never_stops_without_patience():
+    stop = periodic.EarlyStop("val_loss", patience=3, best={"step": 5, "value": 1.0, "evals_since": 2})
+    stop.update(10, {"val_loss": 0.5})
+    assert stop.best == {"step": 10, "value": 0.5, "evals_since": 0} and not stop.stop
+    never = periodic.EarlyStop("val_loss", patience=0, best=None)
+    for step in range(1, 10):
+        never.update(step, {"val_loss": float(step)})
+    assert not never.stop
+
+
+# --- the time budget ----------------------------------------------------------------------------
+
+class _Clock:
+    """A meter whose training time the test sets."""
+    def __init__(self):
+        self.t, self.compile_s = 0.0, 2.0
+
+    def train_time(self):
+        return self.t
+
+
+def test_the_budget_fixes_the_length_once_from_the_measured_rate():
+    budget, meter = periodic.Budget(100.0, fixed=False), _Clock()
+    assert budget.probe_s == 5.0
+    lengths = []
+    for done in range(1, 200):
+        meter.t = 1.0 + 0.1 * done              # 10 steps/s after the first (compiling) step
+        lengths.append(budget.length(done, meter, None, total=10_000))
+    fixed = [(done, n) for done, n in enumerate(lengths, 1) if n is not None]
+    assert len(fixed) == 1
+    done, n = fixed[0]
+    assert done == 1 + periodic.Budget.WARMUP + 50   # probe: max(30 steps, 5 s at 10 steps/s)
+    left = 100.0 - (1.0 + 0.1 * done) - meter.compile_s
+    assert budget.rate == pytest.approx(10.0) and n == done + int(left * 10.0)
+
+
+def test_the_budget_never_lengthens_the_run_and_a_fixed_budget_does_nothing():
+    budget, meter = periodic.Budget(1e6, fixed=False), _Clock()
+    got = [budget.length(d, meter, None, total=1000) for d in range(1, 400)
+           if not setattr(meter, "t", 0.1 * d)]   # the probe takes 30 s: measured at step 306
+    assert [n for n in got if n is not None] == [1000]
+    assert periodic.Budget(100.0, fixed=True).length(10, meter, None, total=60) is None
+
+
+# --- the meter ----------------------------------------------------------------------------------
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+    def write(self, event):
+        self.events.append(event)
+
+
+class _Bar:
+    def set_postfix(self, **kw):
+        pass
+
+    def write(self, text):
+        pass
+
+
+def _meter(steps_per_epoch=4, log_every=2, **kw):
+    config = tiny_config(log_every=log_every)
+    plan = types.SimpleNamespace(config=config, batch=8, vocab=list("abcdefgh"),
+                                 steps_per_epoch=steps_per_epoch)
+    log = _Log()
+    return periodic.Meter(plan, log, _Bar(), kw.pop("start_step", 0), [
+        {"begin": 0, "start": 0, "end": 0, "lr0": 0.1, "lr1": 0.1, "shape": "linear"}], **kw), log
+
+
+def test_metrics_are_fetched_one_step_behind_and_logged_every_log_every_steps():
+    meter, log = _meter(log_every=2)
+    for step in range(4):
+        meter.record(step, {"loss": np.float32(1.0 + step), "grad_norm": np.float32(0.5)})
+    # after 4 records with log_every=2: steps 0-1 logged at the third record; step 3 still pending
+    assert [e["step"] for e in log.events] == [2] and len(meter.pending) == 2
+    assert log.events[0]["train_loss"] == pytest.approx(1.5)
+    meter.flush()
+    assert [e["step"] for e in log.events] == [2, 4] and not meter.pending
+    assert log.events[1]["learning_rate"] == pytest.approx(0.1)
+    assert log.events[1]["chars_per_s"] > 0
+
+
+def test_the_epoch_loss_is_logged_once_a_whole_epoch_was_seen():
+    meter, log = _meter(steps_per_epoch=4)
+    for step in range(4):
+        meter.record(step, {"loss": np.float32(step), "grad_norm": np.float32(0.0)})
+    meter.flush()
+    meter.write_eval(4, {}, end_of_epoch=True)
+    assert log.events[-1]["epoch_train_loss"] == pytest.approx(1.5)
+    resumed, log = _meter(steps_per_epoch=4, start_step=2,
+                          epoch_loss={"epoch": 0, "sum": 1.0, "steps": 2})   # steps 0, 1 restored
+    for step in (2, 3):
+        resumed.record(step, {"loss": np.float32(step), "grad_norm": np.float32(0.0)})
+    resumed.flush()
+    resumed.write_eval(4, {}, end_of_epoch=True)
+    assert log.events[-1]["epoch_train_loss"] == pytest.approx(1.5)
+    assert resumed.snapshot()["epoch_loss"] == {"epoch": 0, "sum": 6.0, "steps": 4}
+
+
+def test_side_work_is_timed_apart_from_training_time():
+    meter, log = _meter()
+    before = meter.train_time()
+    with meter.side_work("eval_s"):
+        t = meter.elapsed()
+        while meter.elapsed() - t < 0.05:
+            pass
+    assert meter.train_time() - before < 0.05 <= meter.side_s["eval_s"]
+    assert meter.snapshot()["side_s"] >= 0.05
+
+
+# --- stop signals -------------------------------------------------------------------------------
+
+def test_a_stop_signal_is_recorded_until_the_block_ends_then_the_old_handler_is_back():
+    old = signal.getsignal(signal.SIGTERM)
+    with periodic.StopRequests(agree_every=5) as stop:
+        assert not stop.requested(1, None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)    # a second one is recorded too: no exit mid-save
+        assert stop.requested(2, None) and stop.signal == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_the_sampler_gives_a_second_signal_back_and_passes_the_first_to_an_outer_handler():
+    calls = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with signals.StopSignals(once=True) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signal_name == "SIGTERM" and calls == [signal.SIGTERM]
+            assert signal.getsignal(signal.SIGTERM) is not stop._handle   # the outer one is back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_the_sampler_leaves_an_ignored_signal_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.StopSignals(once=True):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

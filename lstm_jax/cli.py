@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "bits per char of a trained model on a whole text (default: its held-out split)",
     "prepare": "encode a corpus once into memory-mappable train/val arrays",
     "plot": "draw a run's loss curves (metrics.jsonl) to a PNG",
+    "export": "write the sampler as a jax.export program (cpu, cuda, tpu) with a jax+numpy loader",
 }
 
 
@@ -492,6 +493,36 @@ def plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def export(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "trained run directory", flag_values=fv)
+    flags.DEFINE_string("out", None, "file to write (e.g. sampler.lstmx)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", flag_values=fv)
+    flags.DEFINE_integer("rows", 64, "rows per program call (lstm-jax sample uses >= 64: same rows)", flag_values=fv)
+    flags.DEFINE_integer("steps", 64, "characters per program call", flag_values=fv)
+    flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "platforms to lower for", flag_values=fv)
+    flags.DEFINE_string("loader", None, "where to copy the jax+numpy loader (default: load_exported.py beside --out; '' for none)", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    _define_common(fv)
+    _parse(fv, argv, "export")
+    import pathlib
+    from lstm_jax import export as export_lib
+    from lstm_jax import loop
+    debug, out = fv["debug"].value, pathlib.Path(fv["out"].value)
+    model, vocab, _ = _friendly(lambda: loop.restore_model(fv["workdir"].value, fv["step"].value), debug)
+    meta = _friendly(lambda: export_lib.export_sampler(
+        model, vocab, out, rows=fv["rows"].value, steps=fv["steps"].value,
+        platforms=fv["platforms"].value), debug)
+    loader = out.parent / "load_exported.py" if fv["loader"].value is None else fv["loader"].value
+    if loader:
+        _friendly(lambda: pathlib.Path(loader).write_text(export_lib.loader_source(), encoding="utf-8"), debug)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes: {', '.join(meta['platforms'])}; "
+          f"{meta['rows']} rows x {meta['steps']} chars per call)"
+          + (f"; run it with: python {loader} {out} --num_samples 4 --length 200" if loader else ""))
+    return 0
+
+
 _OS_ERRORS = {   # errno -> (what happened, what to do)
     errno.ENOSPC: ("the disk is full", "free space or choose another --workdir/--out; checkpoints "
                    "saved before this one are intact"),
@@ -607,7 +638,8 @@ def _main(argv: Sequence[str]) -> int:
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
         raise SystemExit(f"lstm-jax: unknown command {command!r}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
-    run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot}[command]
+    run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot,
+           "export": export}[command]
     try:
         with _StartupSignals() as startup, warnings.catch_warnings():
             _show_warning.previous, warnings.showwarning = warnings.showwarning, _show_warning

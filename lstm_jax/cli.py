@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "bits per char of a trained model on a whole text (default: its held-out split)",
     "prepare": "encode a corpus once into memory-mappable train/val arrays",
     "plot": "draw a run's loss curves (metrics.jsonl) to a PNG",
+    "bench": "measure a config's train step (chars/s, FLOP/s, MFU, vs PyTorch) and the sampler here",
     "export": "write the sampler as a jax.export program (cpu, cuda, tpu) with a jax+numpy loader",
 }
 
@@ -493,6 +494,52 @@ def plot(argv: Sequence[str]) -> int:
     return 0
 
 
+def bench(argv: Sequence[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("out", "bench.json", "JSON report to write ('' for none)", flag_values=fv)
+    flags.DEFINE_string("plot", None, "also draw the report to this PNG (needs matplotlib)", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 0, "vocabulary size (default: the config corpus's)", flag_values=fv)
+    flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"], "PyTorch nn.LSTM in the same interleaved rounds (auto: if installed)", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved timed rounds", flag_values=fv)
+    flags.DEFINE_float("min_time", 1.0, "seconds per timed round and side", flag_values=fv)
+    flags.DEFINE_list("sample_rows", ["1", "1024", "4096"], "sampler rows to time", flag_values=fv)
+    flags.DEFINE_integer("sample_length", 200, "characters per sampled row", flag_values=fv)
+    flags.DEFINE_bool("quick", False, "seconds-long smoke run: 1 short round, sampler at 1 and 64 rows of 16 chars", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
+    _define_common(fv)
+    argv = _define_config(fv, argv)
+    _parse(fv, argv, "bench", _config_help())
+    config, debug = fv["config"].value, fv["debug"].value
+    from lstm_jax import config as config_lib
+    try:
+        config_lib.validate(config)
+        rows = tuple(int(r) for r in fv["sample_rows"].value)
+    except ValueError as e:
+        raise SystemExit(f"lstm-jax bench: {e}")
+    vocab_size = fv["vocab_size"].value
+    if not vocab_size:
+        from lstm_jax import train as train_lib
+        vocab_size = len(_friendly(lambda: train_lib.load_corpus(config), debug).vocab)
+    host = _host_setup(config, vocab_size=vocab_size)
+    print(host.summary())
+    import json
+    from lstm_jax import bench as bench_lib
+    opts = dict(torch=fv["torch"].value, progress=fv["progress"].value)
+    options = bench_lib.Options.quick(**opts) if fv["quick"].value else bench_lib.Options(
+        repeats=fv["repeats"].value, min_time=fv["min_time"].value, sample_rows=rows,
+        sample_length=fv["sample_length"].value, **opts)
+    report = _friendly(lambda: bench_lib.run(config, vocab_size, options), debug)
+    print(bench_lib.table(report))
+    if fv["out"].value:
+        with open(fv["out"].value, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {fv['out'].value}")
+    if fv["plot"].value:
+        _friendly(lambda: bench_lib.plot(report, fv["plot"].value), debug)
+        print(f"wrote {fv['plot'].value}")
+    return 0
+
+
 def export(argv: Sequence[str]) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "trained run directory", flag_values=fv)
@@ -639,7 +686,7 @@ def _main(argv: Sequence[str]) -> int:
         raise SystemExit(f"lstm-jax: unknown command {command!r}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
     run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot,
-           "export": export}[command]
+           "export": export, "bench": bench}[command]
     try:
         with _StartupSignals() as startup, warnings.catch_warnings():
             _show_warning.previous, warnings.showwarning = warnings.showwarning, _show_warning

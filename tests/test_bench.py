@@ -1,0 +1,40 @@
+"""`lstm-jax bench --quick`: the table, the JSON report (its figures consistent with the FLOP count
+and the peak), the PNG, and the PyTorch worker in the same rounds where torch is installed."""
+import json
+
+import pytest
+
+from conftest import REPO
+from lstm_jax import bench, cli, flops
+from lstm_jax.model import ModelConfig
+
+
+def test_bench_quick_reports_train_step_mfu_and_sampler(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "tiny.py"), "--quick",
+                     "--vocab_size=30", f"--out={out}", f"--plot={png}", "--noprogress"]) == 0
+    text = capsys.readouterr().out
+    assert "lstm_jax" in text and "MFU" in text and "sampler rows" in text
+    r = json.loads(out.read_text())
+    w, t = r["workload"], r["train"]
+    assert (w["vocab"], w["hidden"], w["batch"], w["seq"]) == (30, 32, 16, 20)
+    per_char = flops.count(ModelConfig(vocab_size=30, hidden_size=32)).train
+    assert t["flops_per_char"] == per_char
+    assert t["chars_per_s"] == pytest.approx(16 * 20 / t["step_s"])
+    assert t["flops_per_s"] == pytest.approx(per_char * t["chars_per_s"])
+    assert t["mfu"] == pytest.approx(t["flops_per_s"] / r["peak"]["flops_per_s"])
+    assert 0 < t["mfu"] < 1 and t["compile_s"] > 0
+    assert [s["rows"] for s in r["sample"]] == [1, 64]
+    assert all(s["chars_per_s"] == pytest.approx(s["rows"] * 16 / s["seconds"]) for s in r["sample"])
+    assert ("torch" in r) == bench.torch_available()
+    if "torch" in r:   # the same rounds: one PyTorch time per round
+        assert len(r["torch"]["step_s_all"]) == len(t["step_s_all"]) and r["torch"]["chars_per_s"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_refuses_torch_on_without_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "torch_available", lambda: False)
+    with pytest.raises(SystemExit, match="PyTorch is not installed"):
+        cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "tiny.py"), "--quick",
+                  "--vocab_size=30", "--torch=on", f"--out={tmp_path / 'b.json'}", "--noprogress"])
+    assert not (tmp_path / "b.json").exists()

@@ -89,6 +89,10 @@ def _parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: 
         fv(list(argv))
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e, argv)}")
+    if command in ("train", "sample", "eval", "bench", "export") and fv["compile_cache"].value:
+        from lstm_jax import compile_cache
+        if compile_cache.enabled_by_env():
+            compile_cache.enable()
 
 
 def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
@@ -180,6 +184,8 @@ def _stop_if_signalled(then_raise: bool = False) -> None:
 
 def _define_common(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("debug", False, "show the full traceback of an error", flag_values=fv)
+    flags.DEFINE_bool("compile_cache", True, "keep compiled programs in the user cache directory "
+                      "(lstm_jax/compile_cache.py); --nocompile_cache or LSTM_JAX_COMPILE_CACHE=0: off", flag_values=fv)
 
 
 def train(argv: Sequence[str]) -> int:

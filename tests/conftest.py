@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two XLA:CPU pool threads per fake device: with one per device the in-process all-reduce can
 # starve and abort (see lstm_jax.hostenv, MIN_POOL_THREADS_PER_DEVICE).
 os.environ.setdefault("PJRT_NPROC", "16")
+# No persistent compilation cache in ~/.cache from tests (tests/test_compile_cache.py turns it on).
+os.environ.setdefault("LSTM_JAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

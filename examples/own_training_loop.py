@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from lstm_jax import CharLSTM, Vocab, get_config, load_text, parallel
-from lstm_jax import train as steps   # make_optimizer, make_train_step, make_eval_step, TrainState
+from lstm_jax import steps   # make_optimizer, make_train_step, make_eval_step, TrainState
 
 
 def random_windows(tokens: np.ndarray, batch: int, length: int, seed: int):

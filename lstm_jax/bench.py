@@ -185,7 +185,7 @@ def run(config, vocab_size: int, options: Options = Options()) -> dict:
     from tqdm import tqdm
     from lstm_jax import flops, parallel
     from lstm_jax import sample as sample_lib
-    from lstm_jax import train as steps_lib
+    from lstm_jax import steps as steps_lib
     from lstm_jax.model import CharLSTM
 
     use_torch = options.torch == "on" or (options.torch == "auto" and torch_available())

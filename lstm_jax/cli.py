@@ -524,8 +524,8 @@ def bench(argv: Sequence[str]) -> int:
         raise SystemExit(f"lstm-jax bench: {e}")
     vocab_size = fv["vocab_size"].value
     if not vocab_size:
-        from lstm_jax import train as train_lib
-        vocab_size = len(_friendly(lambda: train_lib.load_corpus(config), debug).vocab)
+        from lstm_jax import data as data_lib
+        vocab_size = len(_friendly(lambda: data_lib.load_corpus(config), debug).vocab)
     host = _host_setup(config, vocab_size=vocab_size)
     print(host.summary())
     import json
@@ -561,9 +561,9 @@ def export(argv: Sequence[str]) -> int:
     _parse(fv, argv, "export")
     import pathlib
     from lstm_jax import export as export_lib
-    from lstm_jax import loop
+    from lstm_jax import checkpoint
     debug, out = fv["debug"].value, pathlib.Path(fv["out"].value)
-    model, vocab, _ = _friendly(lambda: loop.restore_model(fv["workdir"].value, fv["step"].value), debug)
+    model, vocab, _ = _friendly(lambda: checkpoint.restore_model(fv["workdir"].value, fv["step"].value), debug)
     meta = _friendly(lambda: export_lib.export_sampler(
         model, vocab, out, rows=fv["rows"].value, steps=fv["steps"].value,
         platforms=fv["platforms"].value), debug)

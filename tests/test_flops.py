@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_config
 from lstm_jax import flops
-from lstm_jax import train as steps_lib
+from lstm_jax import steps as steps_lib
 from lstm_jax.model import ModelConfig
 
 

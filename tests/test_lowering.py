@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from lstm_jax import CharLSTM, ModelConfig, Vocab, export, parallel
-from lstm_jax import train as steps_lib
+from lstm_jax import steps as steps_lib
 
 PLATFORMS = ("cuda", "tpu")
 # Custom calls XLA understands on every platform (sharding annotations); anything else in a

@@ -153,7 +153,7 @@ class _StartupSignals:
 
     def __call__(self, signum, frame):
         self.pending = self.pending or signum
-        if self.raising:
+        if self.raising and signal.getsignal(signum) is self:   # not when a stop handler chains to it
             _stop_if_signalled()
 
     def __enter__(self):
@@ -699,11 +699,14 @@ def _main(argv: Sequence[str]) -> int:
             _STARTUP.append(startup)
             try:
                 code = run([f"lstm-jax {command}"] + argv[2:]) or 0
-                if code == 0:
-                    _stop_if_signalled()   # a signal after the loop's own handler was removed
-                return code
             finally:
                 _STARTUP.remove(startup)
+            if code == 0 and startup.pending:   # recorded, but the command ran to its end
+                name = signal.Signals(startup.pending).name
+                print(f"lstm-jax {command}: received {name} where it could not stop cleanly; acted on only "
+                      f"now, after the command finished (its output is complete)", file=sys.stderr)
+                return 130 if startup.pending == signal.SIGINT else 143
+            return code
     except (KeyboardInterrupt, _Terminated) as e:
         if "--debug" in argv:
             raise

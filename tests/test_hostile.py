@@ -266,3 +266,15 @@ def test_an_edited_vocab_json_is_named_by_sample_and_eval(tmp_path, trained):
     for command in ("sample", "eval"):
         message = expect_exit("vocab.json", command, "--workdir", str(workdir))
         assert "is not the vocabulary the checkpoints were trained with" in message, message
+
+
+def test_a_signal_the_command_could_not_act_on_still_sets_the_exit_code(monkeypatch, capsys):
+    """Row 7's remainder: a signal recorded where the command could not stop cleanly (here: a
+    command that runs to its end) exits 130/143 with one line, not 0."""
+    def finishes_anyway(argv):
+        signal.raise_signal(signal.SIGTERM)
+        return 0
+    monkeypatch.setattr(cli, "plot", finishes_anyway)
+    assert run_cli("plot") == 143
+    assert "received SIGTERM where it could not stop cleanly" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the CLI's handler is gone again

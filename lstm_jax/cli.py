@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from lstm_jax import hostenv  # light: imports no JAX
+from lstm_jax import hostenv, signals  # light: import no JAX
 
 COMMANDS = {
     "train": "train a model (resumes from the workdir's latest checkpoint)",
@@ -135,53 +135,6 @@ def _path(value: Optional[str]) -> Optional[str]:
     return os.path.expanduser(value) if value else value
 
 
-class _Terminated(BaseException):
-    """SIGTERM before the training loop (or the sampler) installs its own stop handler."""
-
-
-class _StartupSignals:
-    """SIGINT/SIGTERM while a command starts up (imports, corpus loading, restoring, compiling).
-    The handler only records the signal: raised from a handler, KeyboardInterrupt is swallowed
-    by JAX's gc callbacks (training ran on) or, mid-way through loading jaxlib, crashes the
-    interpreter. The command checks between phases (`_stop_if_signalled`), and the training loop's
-    stop handler takes over a signal recorded here (`pending`) and saves at its first step.
-    An ignored signal (nohup, a shell's background job) stays ignored."""
-
-    def __init__(self):
-        self.pending, self.raising = 0, False
-        self._old: dict = {}
-
-    def __call__(self, signum, frame):
-        self.pending = self.pending or signum
-        if self.raising and signal.getsignal(signum) is self:   # not when a stop handler chains to it
-            _stop_if_signalled()
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-                    self._old[sig] = signal.signal(sig, self)
-            except ValueError:   # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-_STARTUP: list = []   # the running command's _StartupSignals
-
-
-def _stop_if_signalled(then_raise: bool = False) -> None:
-    """Stops the command if a signal came; `then_raise`: from now on a signal stops it at once
-    (once JAX is loaded, for the commands that have no stop handler of their own)."""
-    if _STARTUP and _STARTUP[-1].pending:
-        raise KeyboardInterrupt if _STARTUP[-1].pending == signal.SIGINT else _Terminated()
-    if _STARTUP and then_raise:
-        _STARTUP[-1].raising = True
-
-
 def _define_common(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("debug", False, "show the full traceback of an error", flag_values=fv)
     flags.DEFINE_bool("compile_cache", True, "keep compiled programs in the user cache directory "
@@ -206,18 +159,18 @@ def train(argv: Sequence[str]) -> int:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise SystemExit(f"lstm-jax train: --workdir {workdir} is a file, not a directory; "
                          f"choose another --workdir")
-    _stop_if_signalled()
+    signals.stop_if_signalled()
     from lstm_jax import data, train as train_lib   # imports JAX, computes nothing
-    _stop_if_signalled()
+    signals.stop_if_signalled()
     corpus = _friendly(lambda: data.load_corpus(config), fv["debug"].value)
-    _stop_if_signalled()
+    signals.stop_if_signalled()
     if missing := corpus.vocab.unknown_chars(config.sample.prime):
         raise SystemExit(f"lstm-jax train: sample.prime {config.sample.prime!r} has characters "
                          f"outside the corpus's vocabulary: {''.join(missing)!r}; choose a prime "
                          f"made of the corpus's characters (or '' for a held-out window)")
     host = _host_setup(config, vocab_size=len(corpus.vocab))
     import jax
-    _stop_if_signalled()
+    signals.stop_if_signalled()
     if jax.process_index() == 0:
         print(host.summary())
         if note := host.confirm(jax.default_backend()):
@@ -275,7 +228,7 @@ def sample(argv: Sequence[str]) -> int:
         prime = fv["prime"].value or None
     from lstm_jax import checkpoint
     from lstm_jax import sample as sample_lib
-    _stop_if_signalled(then_raise=True)
+    signals.stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
     _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=False), debug)
     model, vocab, config = _friendly(lambda: checkpoint.restore_model(workdir, fv["step"].value), debug)
@@ -316,6 +269,10 @@ def write_samples(model, vocab, out: Optional[str] = None, *, num_samples: int =
     plan = sampler.plan(num_samples, **kwargs)
     if out and os.path.isdir(out):
         raise ValueError(f"--out {out} is a directory; give a file name such as {out}/samples.jsonl")
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        parent = os.path.dirname(out) or "."
+        raise ValueError(f"--out {out}: the directory {parent} does not exist; create it first "
+                         f"(mkdir -p {parent}) or choose another --out")
     written, stopped_by = 0, None
     chunks = sampler.run(plan)
     try:
@@ -377,7 +334,7 @@ def evaluate(argv: Sequence[str]) -> int:
     text = _friendly(lambda: corpora.load_text(path, flag="--text", errors=fv["encoding_errors"].value,
                                                errors_flag="--encoding_errors"), debug) if path else None
     from lstm_jax import evaluate as evaluate_lib
-    _stop_if_signalled(then_raise=True)
+    signals.stop_if_signalled(then_raise=True)
     _friendly(lambda: _check_workdir(workdir, fv["step"].value, held_out=text is None), debug)
     result = _friendly(lambda: evaluate_lib.evaluate_text(workdir, text, step=fv["step"].value,
                                                   drop_unknown=fv["drop_unknown"].value,
@@ -459,7 +416,7 @@ def prepare(argv: Sequence[str]) -> int:
     _parse(fv, argv, "prepare", _config_help())
     config, out = fv["config"].value, _path(fv["out"].value)
     from lstm_jax import config as config_lib, corpora, data
-    _stop_if_signalled(then_raise=True)
+    signals.stop_if_signalled(then_raise=True)
     debug = fv["debug"].value
     try:
         config_lib.validate(config)
@@ -694,20 +651,16 @@ def _main(argv: Sequence[str]) -> int:
     run = {"train": train, "sample": sample, "eval": evaluate, "prepare": prepare, "plot": plot,
            "export": export, "bench": bench}[command]
     try:
-        with _StartupSignals() as startup, warnings.catch_warnings():
+        with signals.StartupSignals() as startup, warnings.catch_warnings():
             _show_warning.previous, warnings.showwarning = warnings.showwarning, _show_warning
-            _STARTUP.append(startup)
-            try:
-                code = run([f"lstm-jax {command}"] + argv[2:]) or 0
-            finally:
-                _STARTUP.remove(startup)
+            code = run([f"lstm-jax {command}"] + argv[2:]) or 0
             if code == 0 and startup.pending:   # recorded, but the command ran to its end
                 name = signal.Signals(startup.pending).name
                 print(f"lstm-jax {command}: received {name} where it could not stop cleanly; acted on only "
                       f"now, after the command finished (its output is complete)", file=sys.stderr)
                 return 130 if startup.pending == signal.SIGINT else 143
             return code
-    except (KeyboardInterrupt, _Terminated) as e:
+    except (KeyboardInterrupt, signals.Terminated) as e:
         if "--debug" in argv:
             raise
         name, code = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)

@@ -282,6 +282,7 @@ class SampleWriter:
 
     def __init__(self, plan, workdir: pathlib.Path, graphdef, bar):
         self.plan, self.path, self.graphdef, self.bar = plan, workdir / "samples.txt", graphdef, bar
+        self.interrupted_at: Optional[int] = None   # the step whose samples a signal stopped
 
     def __call__(self, step: int, params) -> None:
         from lstm_jax import sample
@@ -297,7 +298,8 @@ class SampleWriter:
             out = sample.generate(model, vocab, num_samples=len(temps), length=c.sample.length,
                                   temperature=temps, prime=prime or None, seed=c.seed + step)
         except sample.SamplingInterrupted:
-            return   # the signal reached StopRequests too: the loop stops and saves next step
+            self.interrupted_at = step   # the signal reached StopRequests too: the loop stops
+            return
         if not parallel.is_main_process():
             return
         lines = [f"----- step {step} (epoch {step / self.plan.steps_per_epoch:.2f}), prime: {prime!r}"]
@@ -318,10 +320,11 @@ class StopRequests(signals.StopSignals):
         super().__init__()
         self.agree_every, self.signal = agree_every, None
 
-    def requested(self, done: int, state) -> bool:
+    def requested(self, done: int, state, final: bool = False) -> bool:
+        """`final`: after the loop (every process is there), agree whatever the step."""
         if jax.process_count() == 1:
             agreed = self.signal_number
-        elif done % self.agree_every:
+        elif done % self.agree_every and not final:
             return False
         else:
             jax.block_until_ready(state)   # XLA:CPU: no other collective program in flight

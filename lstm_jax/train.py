@@ -198,11 +198,16 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
         if saved is not None:   # a run stopped before its first checkpoint: same contract
             vocab = workdir_lib.read_json(workdir / "vocab.json") or {}
             check({"config": saved, "vocab": vocab.get("chars", described["vocab"])})
+        if parallel.is_main_process() and (aside := workdir_lib.move_record_aside(
+                workdir, keep=(ckpt.CHECKPOINT_DIR,))):
+            say(f"{workdir} holds a run's record but no checkpoint to resume it from; moved the "
+                f"record to {aside} and started afresh")
         state = steps.init_like(config, plan.model_cfg, plan.tx, plan.abstract_state)
         start = _Start(state, 0, steps.lr_segments(config, plan.total_steps),
                        total_steps=plan.total_steps)
     if parallel.is_main_process():
         workdir_lib.write_json(workdir / "config.json", described["config"])
+        workdir_lib.keep_other_vocab(workdir / "vocab.json", described["vocab"])
         plan.vocab.save(workdir / "vocab.json")
     return start
 
@@ -290,12 +295,18 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                 if done == total or (in_epoch == 0 and every(epochs_done, config.sample.every_epochs)):
                     with meter.side_work("sample_s"):
                         write_samples(done, placement.global_state(state).params)
+            late = not stop.signal and stop.requested(done, state, final=True)   # in the last samples
             if stop.signal:
                 with meter.side_work("checkpoint_s"):
                     save(done, placement.global_state(state))
                 checkpointer.wait()
                 say(f"received {stop.signal}: saved a checkpoint at step {done} in "
-                     f"{checkpointer.directory}; run the same command to resume", bar)
+                    f"{checkpointer.directory}; run the same command to resume" if not late else
+                    f"received {stop.signal} at the end of the run: it is complete, its checkpoint "
+                    f"at step {done} is in {checkpointer.directory}"
+                    + ("; its last samples were not written (interrupted; lstm-jax sample "
+                       f"--workdir {workdir} draws some)" if write_samples.interrupted_at == done
+                       else ""), bar)
             meter.flush()
     except periodic.Diverged as diverged:
         raise periodic.diverged_error(diverged, plan, checkpointer) from None

@@ -164,11 +164,56 @@ def refuse_resume(workdir: pathlib.Path, diffs: list[str]) -> WorkdirError:
 
 def move_aside(workdir: pathlib.Path) -> pathlib.Path:
     """Renames `workdir` to the first free `<workdir>.prevN` and returns the new path."""
-    i = 1
-    while (aside := workdir.with_name(f"{workdir.name}.prev{i}")).exists():
-        i += 1
+    aside = _free_name(workdir, ".prev")
     shutil.move(str(workdir), str(aside))
     return aside
+
+
+RECORD = (METRICS, "samples.txt", "eval.jsonl")   # what a run that did anything has written
+
+
+def move_record_aside(workdir: pathlib.Path, keep: tuple[str, ...]) -> Optional[pathlib.Path]:
+    """A fresh start in a workdir that holds a run's record (metrics, samples, evaluations) but
+    no checkpoint to resume it from (`checkpoints/` deleted): moves everything but the lock and
+    `keep` to the first free `<workdir>.prevN`, so the new run replaces nothing. Returns that
+    directory, None when there was no record (config.json and vocab.json alone are rewritten:
+    the resume contract has already compared them)."""
+    if not any((workdir / name).is_file() and (workdir / name).stat().st_size for name in RECORD):
+        return None
+    aside = _free_name(workdir, ".prev")
+    aside.mkdir()
+    for path in sorted(workdir.iterdir()):
+        if path.name not in (LOCK, *keep):
+            shutil.move(str(path), str(aside / path.name))
+    return aside
+
+
+def keep_other_vocab(path: pathlib.Path, chars: list) -> Optional[pathlib.Path]:
+    """Before the run's vocabulary is written to `path` (vocab.json): a file there with other
+    characters (edited, or unreadable) is renamed to `path.edited` (or `.editedN`), with a
+    warning. Returns the new name, None if `path` held `chars` or nothing."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))["chars"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        found = None
+    if found is not None and list(found) == list(chars):
+        return None
+    kept = _free_name(path, ".edited")
+    path.rename(kept)
+    what = "is unreadable" if found is None else f"({len(found)} chars) is not the run's vocabulary"
+    warnings.warn(f"{path} {what} ({len(chars)} chars, the checkpoint's); wrote the run's "
+                  f"vocabulary there and kept that file as {kept}", RuntimeWarning, stacklevel=2)
+    return kept
+
+
+def _free_name(path: pathlib.Path, suffix: str) -> pathlib.Path:
+    """The first free name of `path` + suffix + N: `.prev1`, `.prev2`, ...; `.edited`, `.edited1`, ..."""
+    i = 1 if suffix == ".prev" else 0
+    while (free := path.with_name(f"{path.name}{suffix}{i or ''}")).exists() or free.is_symlink():
+        i += 1
+    return free
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, write_corpus
+from conftest import REPO, latest_step, write_corpus
 from lstm_jax import cli
 
 TINY = ["--config", str(REPO / "configs" / "tiny.py")]
@@ -278,3 +278,142 @@ def test_a_signal_the_command_could_not_act_on_still_sets_the_exit_code(monkeypa
     assert run_cli("plot") == 143
     assert "received SIGTERM where it could not stop cleanly" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the CLI's handler is gone again
+
+
+# --- rows 5 and 9: what `train` finds already written ----------------------------------------------
+
+def test_train_on_an_edited_vocab_json_says_so_and_keeps_the_edited_file(tmp_path, corpus, trained, capsys):
+    """Row 5, `train`: the resume (the checkpoint's vocabulary is the corpus's) writes the run's
+    vocab.json again. Fails if it silently replaces the edited file."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    original = (workdir / "vocab.json").read_text()
+    vocab = json.loads(original)
+    vocab["chars"] = vocab["chars"][:-5]
+    edited = json.dumps(vocab)
+    (workdir / "vocab.json").write_text(edited)
+    capsys.readouterr()
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={corpus}",
+                   "--config.max_steps=6", "--noprogress") == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "vocab.json" in line]
+    assert len(said) == 1 and said[0].startswith("lstm-jax: warning: ") and "vocab.json.edited" in said[0], err
+    assert json.loads((workdir / "vocab.json").read_text()) == json.loads(original)
+    assert (workdir / "vocab.json.edited").read_text() == edited
+
+
+def test_a_workdir_whose_checkpoints_were_deleted_keeps_its_old_record(tmp_path, corpus, trained, capsys):
+    """Row 9: `checkpoints/` deleted, then `train` again. Settings that change the run are refused
+    (nothing touched); a fresh start moves the old run's record (config.json, metrics.jsonl, the
+    TensorBoard events, samples.txt, vocab.json) to <workdir>.prev1. Fails if the fresh run overwrites
+    config.json and metrics.jsonl and leaves the old TensorBoard file beside its own."""
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    record = {p.name: p.read_bytes() for p in workdir.iterdir()
+              if p.name in ("config.json", "metrics.jsonl", "samples.txt") or p.name.startswith("events.")}
+    assert len(record) == 4 and record["metrics.jsonl"], sorted(record)
+    flags = [*TINY, "--workdir", str(workdir), f"--config.corpus={corpus}", "--noprogress"]
+    with pytest.raises(SystemExit, match="holds a run with other settings"):   # a line per field
+        run_cli("train", *flags, "--config.model.hidden_size=16")
+    assert {name: (workdir / name).read_bytes() for name in record} == record
+    capsys.readouterr()
+    assert run_cli("train", *flags, "--config.max_steps=3") == 0
+    out = capsys.readouterr().out
+    aside = tmp_path / "run.prev1"
+    assert f"to {aside}" in out, out
+    assert {name: (aside / name).read_bytes() for name in record} == record
+    assert sorted(p.name for p in aside.iterdir()) == sorted([*record, "vocab.json"])
+    assert len(list(workdir.glob("events.*"))) == 1
+    assert json.loads((workdir / "config.json").read_text())["max_steps"] == 3
+    assert latest_step(workdir) == 3
+
+
+# --- rows 7 and 8: a signal before the loop's first step, and during the last samples -------------
+
+def test_a_signal_while_the_run_is_planned_stops_it_at_its_first_step(tmp_path, corpus, monkeypatch, capsys):
+    """Row 7's remainder: a SIGTERM after the CLI's last check and before the training loop
+    installs its own handler (planning, restoring, compiling) is taken over by the loop, which
+    stops and saves at its first step. Fails if the run trains to its end first."""
+    from lstm_jax import train as train_lib
+    plan_run = train_lib.plan_run
+
+    def signalled(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return plan_run(*args, **kwargs)
+    monkeypatch.setattr(train_lib, "plan_run", signalled)
+    workdir = tmp_path / "run"
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={corpus}",
+                   "--noprogress") == 143
+    out, err = capsys.readouterr()
+    assert "received SIGTERM: saved a checkpoint at step 1" in out and "done:" not in out, out
+    assert "SIGTERM" not in err and "Traceback" not in err, err
+    assert latest_step(workdir) == 1
+
+
+def test_sigterm_during_the_end_of_run_samples_exits_143_with_the_run_saved(tmp_path, corpus, monkeypatch, capsys):
+    """Row 8: a SIGTERM while the run writes its last samples. Fails on exit 0 without a word, or
+    on a line that calls the output complete when the samples were not written."""
+    from lstm_jax import sample as sample_lib
+    dispatch = sample_lib._Chunk.dispatch
+
+    def signalled(self, b):
+        if b == 0:
+            signal.raise_signal(signal.SIGTERM)
+        return dispatch(self, b)
+    monkeypatch.setattr(sample_lib._Chunk, "dispatch", signalled)
+    workdir = tmp_path / "run"
+    assert run_cli("train", *TINY, "--workdir", str(workdir), f"--config.corpus={corpus}",
+                   "--config.max_steps=5", "--config.sample.length=3000", "--noprogress") == 143
+    out, err = capsys.readouterr()
+    lines = [line for line in (out + err).splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1 and "samples" in lines[0] and "not written" in lines[0], out + err
+    assert "done:" not in out, out
+    assert latest_step(workdir) == 5
+    assert not (workdir / "samples.txt").exists()
+
+
+# --- row 14: sample --out ----------------------------------------------------------------------
+
+def test_sample_out_into_a_missing_directory_names_out(tmp_path, trained):
+    """Row 14. Fails if the error names the internal temporary file."""
+    message = expect_exit("--out", "sample", "--workdir", str(trained), "--length=5",
+                          "--out", str(tmp_path / "nope" / "s.jsonl"))
+    assert "does not exist" in message and ".tmp" not in message, message
+    assert not (tmp_path / "nope").exists()
+
+
+def test_sample_out_onto_a_symlink_writes_through_it(tmp_path, trained):
+    """Row 14. Fails if the link is replaced by a regular file (its target left as it was)."""
+    target, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target.name)
+    assert run_cli("sample", "--workdir", str(trained), "--length=5", "--num_samples=2",
+                   "--out", str(link)) == 0
+    assert link.is_symlink() and os.readlink(link) == target.name
+    assert [json.loads(line)["index"] for line in target.read_text().splitlines()] == [0, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.jsonl", "real.jsonl"]
+
+
+def test_a_temp_file_left_by_kill_9_during_sample_out_is_cleaned_next_time(tmp_path, trained):
+    """Row 14. `kill -9` while `sample --out F` writes leaves its hidden temporary file; the next
+    write of F removes it (its writer is gone). Fails if the temporary file stays forever."""
+    out = tmp_path / "s.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_jax.cli", "sample", "--workdir", str(trained),
+                             "--num_samples=4", "--length=1000000", "--noprogress", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".s.jsonl.*.tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    left = list(tmp_path.glob(".s.jsonl.*.tmp"))
+    assert len(left) == 1 and not out.exists()
+    live = tmp_path / f".s.jsonl.{os.getpid()}.7.tmp"   # a writer that is alive: kept
+    live.write_text("")
+    assert run_cli("sample", "--workdir", str(trained), "--length=5", "--out", str(out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "s.jsonl"])

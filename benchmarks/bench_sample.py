@@ -11,7 +11,7 @@ under `flock -x /tmp/lstm_jax_cpu.lock`, one short invocation per section or voc
   filtered   top-k 40 + top-p 0.95 by V, LSTM(256), 1,024 rows: compile s of the filtered bucket,
              chars/s against the unfiltered program (lstm_jax only).
   crossover  chars/s of the "unrolled" and "cumsum" draw kernels by V and rows, LSTM(128): the
-             measurement behind sample.UNROLLED_MAX_VOCAB.
+             measurement behind draw.UNROLLED_MAX_VOCAB.
   long       peak RSS of 4 samples x --long-length chars (a fresh process each; not a timing).
 
 lstm_jax: `sample.Sampler.generate` end to end (host arrays in, strings out), the Keras reference's four

@@ -7,7 +7,7 @@ window=0): `rows` rows advance `steps` characters in one `lax.scan`; the loader 
 after block, exactly as `Sampler.run` does, so row i's text depends only on (seed, i, its prime,
 temperature, top-k, top-p) and equals `lstm-jax sample`'s rows for the same arguments (on the same
 platform: the draw kernel is picked per platform inside the program with
-`lax.platform_dependent`, as `sample.draw_kernel` picks it; bit equality also needs the same rows
+`lax.platform_dependent`, as `draw.draw_kernel` picks it; bit equality also needs the same rows
 per call, see `sample.MIN_ROWS`). Two programs are stored: unfiltered, and with top-k and top-p
 (top_k = 0 and top_p = 1 mean off there too). The layers run through `model.step` (jnp.dot and the
 gate math), never the cuDNN custom call, which is not stable across versions.
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lstm_jax import draw as draw_lib
 from lstm_jax import sample as sample_lib
 
 FORMAT = "lstm_jax.exported_sampler/1"
@@ -56,8 +57,8 @@ def sampler_block(graphdef, vocab_size: int, filters: bool):
         k = jnp.where(top_k <= 0, vocab_size, top_k) if filters else top_k
 
         def draw(logits_BxV, u_B, kernel):
-            return sample_lib._draw(logits_BxV, u_B, temperature_B, k, top_p, kernel=kernel,
-                                    filters=(filters, filters))
+            return draw_lib.draw_tokens(logits_BxV, u_B, temperature_B, k, top_p, kernel=kernel,
+                                        filters=(filters, filters))
 
         def body(carry, xs):
             state, prev_B = carry
@@ -67,7 +68,7 @@ def sampler_block(graphdef, vocab_size: int, filters: bool):
             logits_BxV = logits_BxV.astype(jnp.float32)
             drawn_B = jax.lax.platform_dependent(
                 logits_BxV, u_B,
-                cpu=functools.partial(draw, kernel=sample_lib.draw_kernel(vocab_size, "cpu")),
+                cpu=functools.partial(draw, kernel=draw_lib.draw_kernel(vocab_size, "cpu")),
                 default=functools.partial(draw, kernel="cumsum"))
             return (state, drawn_B), drawn_B
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, write_corpus
 from lstm_jax import cli
+from lstm_jax.commands import common
 
 TINY = ["--config", str(REPO / "configs" / "tiny.py")]
 
@@ -164,7 +165,7 @@ def test_cpu_device_count(monkeypatch, cpu_devices, hidden, batch, accum, expect
     c = config_lib.get_config()
     c.parallel.cpu_devices, c.model.hidden_size, c.batch_size, c.grad_accum_steps = (
         cpu_devices, hidden, batch, accum)
-    assert cli._host_setup(c).cpu_devices == expected
+    assert common.host_setup(c).cpu_devices == expected
     assert seen["batch_size"] == batch // accum
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, latest_step, write_corpus
 from lstm_jax import cli
+from lstm_jax.commands import tools
 
 TINY = ["--config", str(REPO / "configs" / "tiny.py")]
 TEXT = "the quick brown fox jumps over the lazy dog. " * 400
@@ -274,7 +275,7 @@ def test_a_signal_the_command_could_not_act_on_still_sets_the_exit_code(monkeypa
     def finishes_anyway(argv):
         signal.raise_signal(signal.SIGTERM)
         return 0
-    monkeypatch.setattr(cli, "plot", finishes_anyway)
+    monkeypatch.setattr(tools, "plot", finishes_anyway)
     assert run_cli("plot") == 143
     assert "received SIGTERM where it could not stop cleanly" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the CLI's handler is gone again

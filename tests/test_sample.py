@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lstm_jax import cli, parallel, sample
+from lstm_jax import draw, parallel, sample
+from lstm_jax.commands import sampling
 from lstm_jax.data import Vocab
 from lstm_jax.model import CharLSTM, ModelConfig
 
@@ -98,7 +99,7 @@ class Script(nnx.Module):
 def kernel(request, monkeypatch):
     """Runs a test with the kernel `draw_kernel` picks, then with the cumsum kernel forced."""
     if request.param != "auto":
-        monkeypatch.setattr(sample, "draw_kernel", lambda vocab_size, platform: request.param)
+        monkeypatch.setattr(draw, "draw_kernel", lambda vocab_size, platform: request.param)
     return request.param
 
 
@@ -285,11 +286,11 @@ def test_filters_hold_for_every_context(one_device, top_k, top_p):
 
 def test_draw_kernel_is_unrolled_only_for_small_vocabularies_on_cpu():
     """Catches the unrolled kernel (whose program grows with V) reaching large V or a GPU/TPU."""
-    limit = sample.UNROLLED_MAX_VOCAB
-    assert [sample.draw_kernel(v, "cpu") for v in (2, limit, limit + 1, 20_000)] == \
+    limit = draw.UNROLLED_MAX_VOCAB
+    assert [draw.draw_kernel(v, "cpu") for v in (2, limit, limit + 1, 20_000)] == \
         ["unrolled", "unrolled", "cumsum", "cumsum"]
     for platform in ("gpu", "tpu"):
-        assert {sample.draw_kernel(v, platform) for v in (2, 57, limit, 20_000)} == {"cumsum"}
+        assert {draw.draw_kernel(v, platform) for v in (2, 57, limit, 20_000)} == {"cumsum"}
 
 
 # --- batch independence, sharding, compile-once, memory ------------------------------------------
@@ -498,7 +499,7 @@ def test_window_context_reruns_the_last_window_for_every_char(one_device):
 
 def test_write_samples_streams_jsonl_chunks(tmp_path, one_device):
     path = tmp_path / "samples.jsonl"
-    n = cli.write_samples(NextChar(8), LETTERS, str(path), num_samples=130, length=5,
+    n = sampling.write_samples(NextChar(8), LETTERS, str(path), num_samples=130, length=5,
                              temperature=[0.0, 1.0, 1.2], prime=["ab", "c"], chunk_size=64,
                              mesh=one_device)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -510,11 +511,11 @@ def test_write_samples_streams_jsonl_chunks(tmp_path, one_device):
 
 def test_write_samples_prints_text_without_out(capsys, one_device):
     """The exact stdout: a header per sample only when there are several, then prime + text."""
-    cli.write_samples(NextChar(8), LETTERS, None, num_samples=2, length=3, prime="a",
+    sampling.write_samples(NextChar(8), LETTERS, None, num_samples=2, length=3, prime="a",
                          temperature=[0.5, 1.0], mesh=one_device)
     assert capsys.readouterr().out == ("----- sample 0, temperature 0.5\nabcd\n"
                                        "----- sample 1, temperature 1\nabcd\n")
-    cli.write_samples(NextChar(8), LETTERS, None, num_samples=1, length=4, prime="g",
+    sampling.write_samples(NextChar(8), LETTERS, None, num_samples=1, length=4, prime="g",
                          mesh=one_device)
     assert capsys.readouterr().out == "ghabc\n"
 
@@ -529,7 +530,7 @@ def test_a_bad_argument_leaves_an_existing_out_untouched(tmp_path, one_device, k
     path = tmp_path / "keep.jsonl"
     path.write_text(KEEP)
     with pytest.raises(ValueError):
-        cli.write_samples(NextChar(8), LETTERS, str(path), mesh=one_device,
+        sampling.write_samples(NextChar(8), LETTERS, str(path), mesh=one_device,
                              **{"num_samples": 3, "length": 5, **kwargs})
     assert path.read_text() == KEEP and os.listdir(tmp_path) == ["keep.jsonl"]
 
@@ -547,7 +548,7 @@ def test_a_crash_while_sampling_leaves_an_existing_out_untouched(tmp_path, one_d
         return real_store(self, *args)
     monkeypatch.setattr(sample._Chunk, "store", failing_store)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        cli.write_samples(NextChar(8), LETTERS, str(path), num_samples=256, length=5,
+        sampling.write_samples(NextChar(8), LETTERS, str(path), num_samples=256, length=5,
                              chunk_size=64, mesh=one_device)
     assert path.read_text() == KEEP and os.listdir(tmp_path) == ["keep.jsonl"]
 
@@ -576,7 +577,7 @@ def test_a_signal_stops_between_blocks_and_keeps_finished_rows(tmp_path, one_dev
     try:
         with pytest.raises(sample.SamplingInterrupted, match=r"SIGTERM after 64 of 640 rows; "
                            r".*out.jsonl holds the 64 finished rows") as e:
-            cli.write_samples(NextChar(8), LETTERS, str(path), num_samples=640, length=100,
+            sampling.write_samples(NextChar(8), LETTERS, str(path), num_samples=640, length=100,
                                  chunk_size=64, mesh=one_device)
         assert received == [signal.SIGTERM] and e.value.rows_done == 64
         assert len(calls) == 3  # stopped before the fourth block
@@ -605,7 +606,8 @@ import signal, sys
 sys.path.insert(0, {REPO!r})
 import jax.numpy as jnp
 from flax import nnx
-from lstm_jax import cli, sample
+from lstm_jax import sample
+from lstm_jax.commands import sampling
 from lstm_jax.data import Vocab
 from lstm_jax.model import ModelConfig
 
@@ -620,7 +622,7 @@ class NextChar(nnx.Module):
         return jnp.where(jax.nn.one_hot((tokens_B + 1) % 8, 8) > 0, 0.0, -1e4), carry
 
 try:
-    cli.write_samples(NextChar(), Vocab(tuple("abcdefgh")), sys.argv[1], num_samples=64 * 10_000,
+    sampling.write_samples(NextChar(), Vocab(tuple("abcdefgh")), sys.argv[1], num_samples=64 * 10_000,
                          length=2_000, chunk_size=64, progress=False)
 except sample.SamplingInterrupted as e:
     print(f"lstm-jax: {{e}}", file=sys.stderr)
@@ -713,4 +715,4 @@ def test_a_vocabulary_of_the_wrong_size_is_refused():
 
 def test_an_out_that_is_a_directory_is_refused_before_sampling(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
-        cli.write_samples(NextChar(8), LETTERS, str(tmp_path), length=3)
+        sampling.write_samples(NextChar(8), LETTERS, str(tmp_path), length=3)

@@ -434,12 +434,20 @@ def test_whole_text_evaluation_equals_a_numpy_reference(tmp_path):
     np.testing.assert_allclose(got, total / 899, rtol=1e-5)
 
 
-def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path, repetitive_corpus, capsys):
+def test_a_time_budget_fixes_the_run_length_once_and_a_resume_keeps_it(tmp_path, repetitive_corpus,
+                                                                        capsys, monkeypatch):
     """time_budget_s: the length is set once from the measured rate, the cosine ends at it (the
     last update at the final rate), it is saved, and the same command afterwards has nothing left
     to train (no second measurement). Fails if the budget is ignored (the run goes on for all
-    epochs), if the schedule keeps the old horizon, or if a resume measures again."""
+    epochs), if the schedule keeps the old horizon, or if a resume measures again. The loop's
+    clock is a fake that advances 10 ms per reading, so the measured rate and the length it fixes
+    do not depend on the machine (under load, compiling once ate the real 1.5 s and the length
+    was fixed at the current step, the cosine cut short)."""
+    import types
+    from lstm_jax import periodic
     from lstm_jax.checkpoint import Checkpointer
+    clock = iter(range(1, 10**9))
+    monkeypatch.setattr(periodic, "time", types.SimpleNamespace(perf_counter=lambda: next(clock) * 0.01))
     config = tiny_config(corpus=repetitive_corpus, max_steps=0, num_epochs=20, time_budget_s=1.5,
                          log_every=5, **{"checkpoint.every_steps": 0})
     result = train.train_and_evaluate(config, tmp_path / "run", progress=False)

@@ -9,7 +9,8 @@ import difflib
 import importlib.util
 import math
 import pathlib
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Optional
 
 import ml_collections
 
@@ -26,7 +27,7 @@ RESUMABLE_FIELDS = (
     "checkpoint.best_metric", "checkpoint.early_stop_evals",
     "parallel.mode", "parallel.num_devices", "parallel.cpu_devices", "parallel.tune_allocator",
     "parallel.distributed", "parallel.coordinator_address", "parallel.num_processes",
-    "parallel.process_id",
+    "parallel.process_id", "profile_steps",
 )
 
 
@@ -80,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_stride = 3                  # ... one starting every eval_stride chars (Keras reference: 3)
     c.eval_max_windows = 2048          # cap on held-out windows per evaluation (evenly spaced)
     c.eval_text = True                 # also val_text_bpc: the whole held-out text, state carried
+    c.profile_steps = ""               # "A:B": a jax.profiler trace of steps A to B in <workdir>/profile
     c.sample = ml_collections.ConfigDict()
     c.sample.temperatures = (0.2, 0.5, 1.0, 1.2)  # the Keras reference's four
     c.sample.length = 400              # chars per sample
@@ -249,10 +251,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep!r}")
     if not isinstance(config.sample.prime, str):
         raise ValueError(f"sample.prime must be a string, got {config.sample.prime!r}")
+    profile_window(config.profile_steps)
     for name, low in (("parallel.num_devices", 0), ("parallel.cpu_devices", -1),
                       ("parallel.num_processes", 0), ("parallel.process_id", -1)):
         if _get(config, name) < low:
             raise ValueError(f"{name} must be >= {low}, got {_get(config, name)!r}")
+
+
+def profile_window(spec: Any) -> Optional[tuple[int, int]]:
+    """profile_steps "A:B" as (A, B), None for ""; ValueError for anything else."""
+    if spec == "" or spec is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", spec) if isinstance(spec, str) else None
+    if not match or int(match[1]) >= int(match[2]):
+        raise ValueError(f"profile_steps must be 'A:B' with integers 0 <= A < B (trace the updates "
+                         f"from step A to step B, e.g. 10:20), or '' for none; got {spec!r}")
+    return int(match[1]), int(match[2])
 
 
 def _is_number(value: Any) -> bool:

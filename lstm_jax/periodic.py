@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from lstm_jax import checkpoint as ckpt
-from lstm_jax import parallel, signals, steps
+from lstm_jax import flops, parallel, signals, steps
 from lstm_jax import workdir as workdir_lib
 
 LN2 = math.log(2.0)
@@ -107,14 +107,20 @@ class Meter:
     """Training metrics: kept on device and fetched one step behind (the host never stalls the
     device), checked for divergence, logged every `log_every` steps with a step rate that
     excludes the periodic side work, and summed per epoch (Keras's mean training loss). A resumed
-    session continues the run's `elapsed_s`, side-work time and epoch loss from its checkpoint."""
+    session continues the run's `elapsed_s`, side-work time and epoch loss from its checkpoint.
+    With `peak_flops` (the mesh's peak FLOP/s), training events add `flops_per_s` (chars_per_s x
+    `lstm_jax.flops.count(...).train`, the documented FLOPs per training character) and `mfu`
+    (flops_per_s / peak_flops): host arithmetic on the logged rate, no device sync."""
 
     def __init__(self, plan, log: workdir_lib.MetricsLog, bar, start_step: int, lr_pieces: list,
-                 elapsed_s: float = 0.0, side_s: float = 0.0, epoch_loss: Optional[dict] = None):
+                 elapsed_s: float = 0.0, side_s: float = 0.0, epoch_loss: Optional[dict] = None,
+                 peak_flops: Optional[float] = None):
         self.plan, self.log, self.bar = plan, log, bar
         c = plan.config
         self.log_every = c.log_every
         self.chars_per_step = plan.batch * c.seq_len
+        self.flops_per_char = flops.count(plan.model_cfg, objective=c.objective, seq_len=c.seq_len).train
+        self.peak_flops = peak_flops
         self.targets_per_step = plan.batch * (1 if c.objective == "window" else c.seq_len)
         self.divergence = DivergenceCheck(len(plan.vocab))
         self.lr_pieces = lr_pieces
@@ -170,11 +176,16 @@ class Meter:
         timed = sum(counted for _, _, counted in ready)
         losses = [m["loss"] for m in fetched]
         last = ready[-1][0] + 1
+        chars_per_s = timed * self.chars_per_step / seconds
+        achieved = {}
+        if self.peak_flops:
+            achieved = {"flops_per_s": round(chars_per_s * self.flops_per_char),
+                        "mfu": round(flops.mfu(chars_per_s * self.flops_per_char, self.peak_flops), 6)}
         self.last_train = {
             **self._event(last), "train_loss": float(np.mean(losses)),
             "train_bpc": float(np.mean(losses) / LN2), "grad_norm": fetched[-1]["grad_norm"],
             "learning_rate": steps.lr_at(self.lr_pieces, ready[-1][0]),
-            "chars_per_s": round(timed * self.chars_per_step / seconds, 1),
+            "chars_per_s": round(chars_per_s, 1), **achieved,
             "targets_per_s": round(timed * self.targets_per_step / seconds, 1),
             **{k: round(v, 3) for k, v in self.side_s.items()}}
         self.window_start, self.side_s = now, {}
@@ -309,6 +320,56 @@ class SampleWriter:
         self.bar.write(block)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(block)
+
+
+class Profiler:
+    """--config.profile_steps=A:B: a `jax.profiler` trace of the updates that take the state from
+    step A to step B, written into <workdir>/profile (TensorBoard's profile plugin reads
+    `plugins/profile/<run>/*.xplane.pb`: `tensorboard --logdir <workdir>`; Perfetto opens the
+    `*.trace.json.gz` beside it). The state is made ready before the trace starts and after it
+    stops, so the trace holds exactly those steps; starting and writing the trace is side work
+    (`profile_s`, out of chars_per_s). Steps outside the window run as without it: no sync, no
+    annotation. A session that starts past A (a resume) does not trace."""
+
+    DIR = "profile"
+
+    def __init__(self, spec: str, workdir: pathlib.Path, start_step: int):
+        from lstm_jax import config as config_lib
+        self.window = config_lib.profile_window(spec)
+        self.directory = workdir / self.DIR
+        self.active = False
+        if self.window and start_step > self.window[0]:
+            say(f"profile_steps={spec}: this session starts at step {start_step}, after {self.window[0]}: "
+                f"no trace")
+            self.window = None
+
+    def around(self, step: int, state, meter: "Meter"):
+        """Wraps the update from `step`: starts the trace at A (state ready first), and names
+        each update inside the window for the profile's step view."""
+        if self.window and not self.active and step == self.window[0]:
+            with meter.side_work("profile_s"):
+                jax.block_until_ready(state)
+                jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active, self.first = True, step
+        if not self.active:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def stop(self, done: int, state, meter: "Meter", bar=None, *, final: bool = False) -> None:
+        """After the update to `done`: stops and writes the trace at B (or where the run ends)."""
+        if not self.active or (done < self.window[1] and not final):
+            return
+        with meter.side_work("profile_s"):
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+        self.active, self.window = False, None
+        say(f"profiler trace of steps {self.first}:{done} written to {self.directory}", bar)
+
+    def abandon(self) -> None:
+        """The loop raised inside the window: stops the trace (what it holds is still written)."""
+        if self.active:
+            self.active, self.window = False, None
+            jax.profiler.stop_trace()
 
 
 class StopRequests(signals.StopSignals):

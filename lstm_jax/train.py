@@ -23,7 +23,7 @@ from flax import nnx
 
 from lstm_jax import checkpoint as ckpt
 from lstm_jax import config as config_lib
-from lstm_jax import data, evaluate, parallel, periodic, steps
+from lstm_jax import data, evaluate, flops, parallel, periodic, steps
 from lstm_jax import workdir as workdir_lib
 from lstm_jax.model import CharLSTM, ModelConfig
 from lstm_jax.periodic import say
@@ -231,8 +231,10 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
         steps.step_function(plan.graphdef, tx, config, plan.steps_per_epoch))
     train_step, key = compile_step(plan.optimizer(pieces)), jax.random.key(config.seed)
     state = placement.place_state(start.state)
+    peak = flops.mesh_peak(plan.mesh, config.model.dtype)   # CPU: a 0.2 s GEMM, once per process
     say(f"{plan.mesh.devices.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
-         f"process(es), batch {plan.batch}, {plan.steps_per_epoch} steps/epoch, {total} steps")
+         f"process(es), batch {plan.batch}, {plan.steps_per_epoch} steps/epoch, {total} steps; "
+         f"peak {peak.flops_per_s / 1e9:,.1f} GFLOP/s for mfu ({peak.source})")
     if start.step >= total:
         say(f"{workdir} is already at step {start.step} of {total}: nothing to train (raise "
              f"--config.num_epochs or --config.max_steps to continue: the learning rate carries on "
@@ -241,7 +243,8 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                dynamic_ncols=True)
     log = workdir_lib.MetricsLog(workdir, start.step, enabled=parallel.is_main_process())
     meter = periodic.Meter(plan, log, bar, start.step, start.lr_pieces, start.elapsed_s,
-                           start.side_s, start.epoch_loss)
+                           start.side_s, start.epoch_loss, peak_flops=peak.flops_per_s)
+    profiler = periodic.Profiler(config.profile_steps, workdir, start.step)
     evaluator = evaluate.Evaluator(plan, plan.graphdef)
     early_stop = periodic.EarlyStop(config.checkpoint.best_metric, config.checkpoint.early_stop_evals,
                             start.best)
@@ -258,13 +261,15 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
             for step in range(start.step, plan.total_steps):   # the budget may end the run sooner
                 if step >= total:
                     break
-                state, metrics = train_step(state, next(batches), key)
+                with profiler.around(step, state, meter):
+                    state, metrics = train_step(state, next(batches), key)
                 first = step == start.step
                 if first:   # it compiles the step: timed apart, kept out of chars_per_s
                     with meter.side_work("compile_s"):
                         jax.block_until_ready(metrics)
                 meter.record(step, metrics, counted=not first)
                 done = step + 1
+                profiler.stop(done, state, meter, bar)
                 bar.update(1)   # host-side only: no device sync
                 if (length := budget.length(done, meter, state, total)) is not None:
                     total, pieces, how = length, *steps.continue_lr_segments(pieces, config, done, length)
@@ -295,6 +300,7 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                 if done == total or (in_epoch == 0 and every(epochs_done, config.sample.every_epochs)):
                     with meter.side_work("sample_s"):
                         write_samples(done, placement.global_state(state).params)
+            profiler.stop(done, state, meter, bar, final=True)   # the run ended inside the window
             late = not stop.signal and stop.requested(done, state, final=True)   # in the last samples
             if stop.signal:
                 with meter.side_work("checkpoint_s"):
@@ -311,6 +317,7 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     except periodic.Diverged as diverged:
         raise periodic.diverged_error(diverged, plan, checkpointer) from None
     finally:
+        profiler.abandon()
         bar.close()
         log.close()
     params = jax.device_get(placement.global_state(state).params)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lstm_jax import periodic, signals
+from lstm_jax.model import ModelConfig
 from conftest import tiny_config
 
 
@@ -121,7 +122,8 @@ class _Bar:
 def _meter(steps_per_epoch=4, log_every=2, **kw):
     config = tiny_config(log_every=log_every)
     plan = types.SimpleNamespace(config=config, batch=8, vocab=list("abcdefgh"),
-                                 steps_per_epoch=steps_per_epoch)
+                                 steps_per_epoch=steps_per_epoch,
+                                 model_cfg=ModelConfig(vocab_size=8, hidden_size=config.model.hidden_size))
     log = _Log()
     return periodic.Meter(plan, log, _Bar(), kw.pop("start_step", 0), [
         {"begin": 0, "start": 0, "end": 0, "lr0": 0.1, "lr1": 0.1, "shape": "linear"}], **kw), log
@@ -166,6 +168,74 @@ def test_side_work_is_timed_apart_from_training_time():
             pass
     assert meter.train_time() - before < 0.05 <= meter.side_s["eval_s"]
     assert meter.snapshot()["side_s"] >= 0.05
+
+
+def test_flops_per_s_and_mfu_follow_chars_per_s_by_the_hand_count():
+    # tiny: LSTM(32) x 1, V = 8, sequence: forward = recurrence 2*32*4*32 + head 2*32*8 = 8704
+    # FLOPs per char (the first layer gathers: no input product); train = 3 x forward.
+    meter, log = _meter(log_every=2, peak_flops=1e9)
+    assert meter.flops_per_char == 3 * (2 * 32 * 128 + 2 * 32 * 8) == 26112
+    for step in range(5):
+        meter.record(step, {"loss": np.float32(1.0), "grad_norm": np.float32(0.5)})
+    meter.flush()
+    for event in log.events:
+        assert event["flops_per_s"] == pytest.approx(event["chars_per_s"] * 26112, rel=1e-5)
+        assert event["mfu"] == pytest.approx(event["flops_per_s"] / 1e9, rel=1e-4)
+    no_peak, log = _meter(log_every=2)   # no peak known: neither field
+    for step in range(3):
+        no_peak.record(step, {"loss": np.float32(1.0), "grad_norm": np.float32(0.5)})
+    no_peak.flush()
+    assert log.events and not any("mfu" in e or "flops_per_s" in e for e in log.events)
+
+
+def _tensorboard_tags(workdir) -> set:
+    """Scalar tags of tensorboardX event files (TFRecord framing, Event protos)."""
+    import pathlib
+    import struct
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            tags |= {v.tag for v in event.summary.value}
+    return tags
+
+
+def test_a_run_traces_its_profile_steps_and_logs_mfu(tmp_path, capsys):
+    import gzip
+    import json
+    from lstm_jax import train
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(max_steps=12, log_every=4, profile_steps="4:8"), workdir,
+                             progress=False)
+    runs = list((workdir / "profile" / "plugins" / "profile").iterdir())
+    assert len(runs) == 1, runs   # TensorBoard's profile plugin layout: plugins/profile/<run>/
+    assert list(runs[0].glob("*.xplane.pb"))
+    perfetto = list(runs[0].glob("*.trace.json.gz"))
+    assert perfetto and "traceEvents" in json.loads(gzip.decompress(perfetto[0].read_bytes()))
+    assert "profiler trace of steps 4:8 written to" in capsys.readouterr().out
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [e for e in events if "chars_per_s" in e]
+    assert trained and all(0 < e["mfu"] < 1 and e["flops_per_s"] > 0 for e in trained[1:])
+    assert "profile_s" in trained[1] and "profile_s" in trained[2]   # start at 4, stop at 8
+    assert {"flops_per_s", "mfu"} <= _tensorboard_tags(workdir)
+
+
+@pytest.mark.parametrize("spec", ["5", "8:4", "3:3", "a:b", "-1:4", "1:2:3"])
+def test_bad_profile_steps_are_refused_in_one_line(spec):
+    from lstm_jax import config as config_lib
+    with pytest.raises(ValueError, match=r"^profile_steps must be 'A:B' with integers 0 <= A < B"):
+        config_lib.validate(tiny_config(profile_steps=spec))
+
+
+def test_profile_steps_parse_and_a_session_past_a_does_not_trace(tmp_path):
+    from lstm_jax import config as config_lib
+    assert config_lib.profile_window("") is None and config_lib.profile_window("10:20") == (10, 20)
+    assert periodic.Profiler("10:20", tmp_path, start_step=15).window is None
+    assert periodic.Profiler("10:20", tmp_path, start_step=10).window == (10, 20)
 
 
 # --- stop signals -------------------------------------------------------------------------------

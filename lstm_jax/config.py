@@ -70,9 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer.final_lr_fraction = 0.1  # the cosine ends at learning_rate x this
     c.num_epochs = 8                   # passes over the training split
     c.max_steps = 0                    # if > 0, stop after this many updates (overrides epochs)
-    c.time_budget_s = 0.0              # if > 0, as many steps as fit in this much training time
-                                       # (train_s; the rate is measured after 30 steps), at most
-                                       # num_epochs / max_steps; the cosine decays to that end
+    c.time_budget_s = 0.0              # if > 0, as many steps as fit in this much wall time
+                                       # (elapsed_s: evaluations, checkpoints, samples included;
+                                       # periodic evaluations read a fixed subset sized to ~5% of
+                                       # it), at most num_epochs / max_steps; the cosine decays
+                                       # to that end (periodic.Budget)
     c.seed = 0                         # params, shuffling, dropout and samples all derive from it
     # --- logging, evaluation, samples -----------------------------------------------------------
     c.log_every = 50                   # steps between metrics.jsonl training events

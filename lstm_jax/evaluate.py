@@ -24,22 +24,37 @@ class Evaluator:
     val_loss (nats/char over every position), val_bpc, and val_last_loss (the loss on the char
     after each window). On the whole held-out text with the state carried (`TextEval`, as many
     long streams as one eval batch has rows, fewer for a short text): val_text_loss and
-    val_text_bpc. Rows stay sharded and the host reduces them: no collectives."""
+    val_text_bpc. Rows stay sharded and the host reduces them: no collectives.
+
+    `max_chars`: a fixed subset of about that many held-out chars (the same every time: evenly
+    spaced windows for half of it, the held-out text's first chars for the other half), for the
+    periodic evaluations of a time-budgeted run. Each result names its size in `val_chars`
+    (positions scored by the windows + chars of the text)."""
     MIN_STREAM = 1024    # chars per stream at least: less of a short text read from a cold state
 
-    def __init__(self, plan, graphdef):
+    def __init__(self, plan, graphdef, max_chars: Optional[int] = None):
         self.plan, self.eval_step = plan, steps.make_eval_step(graphdef)
         self.rows_per_call = plan.batch   # the training batch: a multiple of the devices
-        if plan.windows is not None:
-            self.padded, self.weight = data.pad_rows(plan.windows, self.rows_per_call)
-        val, self.text = plan.corpus.val_tokens, None
-        if plan.config.eval_text and len(val) > 1:
+        windows, val = plan.windows, plan.corpus.val_tokens
+        with_text = plan.config.eval_text and len(val) > 1
+        if max_chars is not None:
+            share = max_chars // 2 if with_text and windows is not None else max_chars
+            if windows is not None:
+                k = min(len(windows), max(1, share // plan.config.eval_window))
+                windows = windows[np.linspace(0, len(windows) - 1, k).round().astype(int)]
+            val = val[:max(share, 2) + 1]
+        self.windows, self.text, self.chars = windows, None, 0
+        if windows is not None:
+            self.padded, self.weight = data.pad_rows(windows, self.rows_per_call)
+            self.chars += len(windows) * plan.config.eval_window
+        if with_text:
             self.text = TextEval(graphdef, plan.model_cfg, val, plan.mesh,
                                  min(self.rows_per_call, (len(val) - 1) // self.MIN_STREAM))
+            self.chars += self.text.chars
 
     def __call__(self, params) -> dict:
-        out = {}
-        if self.plan.windows is not None:
+        out = {"val_chars": self.chars} if self.chars else {}
+        if self.windows is not None:
             k, mesh = self.rows_per_call, self.plan.mesh
             rows = parallel.process_rows(k)
             parts = [self.eval_step(params, parallel.to_global(self.padded[i:i + k][rows], mesh))

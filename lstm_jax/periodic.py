@@ -36,21 +36,41 @@ def say(message: str, bar=None) -> None:
 
 
 class Budget:
-    """time_budget_s: once per budget, fixes the run's length at what fits in the budget's
-    remaining training time (train_s) at the measured step rate, never beyond num_epochs /
-    max_steps. The rate is measured after WARMUP steps (the first ones after compiling are slow),
-    over at least PROBE steps and min(5% of the budget, 30 s). The processes of a run take the
-    shortest length any of them measured. Saved with checkpoints, so a resume keeps it."""
+    """time_budget_s is the run's wall time: the loop's `elapsed_s`, steps, compiles,
+    evaluations, checkpoints and samples together. Once per budget it fixes the run's length at
+    what fits in the time left at the measured step rate, never beyond num_epochs / max_steps,
+    after a reserve for the side work still to come:
+    - EVAL_SHARE of the budget for the periodic evaluations, which then read a fixed subset of
+      the held-out text sized to fit it (`subset_chars`, None: the whole of it fits);
+    - the end: a whole-text evaluation of the last state and one of the kept best checkpoint,
+      each char costed at EVAL_CHAR_COST of a trained char (a forward pass is ~1/3 of one), and
+      one more compile of the step (the new schedule).
+    The rate is measured after WARMUP steps (the first ones after compiling are slow), over at
+    least PROBE steps and min(5% of the budget, 30 s). A quarter of the way through the steps
+    then left (a step count: every process rechecks at the same one), the length is fixed once more from the wall-clock rate since (steps per second of everything:
+    evaluations, checkpoints and logging included), which corrects the first estimate of the
+    side work. The processes of a run take the shortest length any of them measured. Saved with
+    checkpoints, so a resume keeps it."""
     WARMUP, PROBE = 5, 30
+    EVAL_SHARE = 0.05
+    EVAL_CHAR_COST = 0.5
 
-    def __init__(self, budget_s: float, fixed: bool):
+    def __init__(self, budget_s: float, fixed: bool, full_eval_chars: int = 0, eval_every: int = 0,
+                 steps_per_epoch: int = 0):
         self.budget_s, self.pending = budget_s, budget_s > 0 and not fixed
+        self.full_eval_chars, self.eval_every, self.spe = full_eval_chars, eval_every, steps_per_epoch
         self.probe_s = min(0.05 * budget_s, 30.0)
         self.first: Optional[int] = None
         self.probe_from: Optional[tuple[int, float]] = None
         self.rate = 0.0
+        self.reserve_s = 0.0
+        self.subset_chars: Optional[int] = None
+        self.recheck: Optional[tuple[int, float, int]] = None   # (step, elapsed, step to recheck at)
+        self.cap, self.end_s, self.rechecked = 0, 0.0, False
 
     def length(self, done: int, meter: "Meter", state, total: int) -> Optional[int]:
+        if self.recheck is not None and done >= self.recheck[2]:
+            return self._recheck(done, meter, total)
         if not self.pending:
             return None
         if self.first is None:            # after the session's first (compiling) step
@@ -66,10 +86,36 @@ class Budget:
         jax.block_until_ready(state)
         self.pending = False
         self.rate = steps / max(meter.train_time() - self.probe_from[1], 1e-9)
-        # the new schedule compiles the step once more (about as long as the first compile)
-        left = self.budget_s - meter.train_time() - meter.compile_s
-        fits = done + int(max(0.0, left) * self.rate)
-        return -parallel.max_over_processes(-min(total, max(done, fits)))
+        char_s = 1.0 / (self.rate * meter.chars_per_step)      # seconds per trained char
+        # seconds per evaluated char: as measured by the evaluations so far (their compile in:
+        # an overestimate), else EVAL_CHAR_COST of a trained char
+        eval_s, eval_chars = getattr(meter, "eval_cost", (0.0, 0))
+        eval_char_s = max(eval_s / eval_chars if eval_chars else 0.0, self.EVAL_CHAR_COST * char_s)
+        end_s = 2 * self.full_eval_chars * eval_char_s
+        periodic_s = self.EVAL_SHARE * self.budget_s
+        self.reserve_s = end_s + periodic_s + meter.compile_s
+        left = self.budget_s - meter.elapsed() - self.reserve_s
+        fits = -parallel.max_over_processes(-min(total, max(done, done + int(max(0.0, left) * self.rate))))
+        evals = sum((fits - 1) // k - done // k for k in {self.eval_every, self.spe} if k)
+        if evals > 0:   # the periodic ones (the last is whole): each gets its share of periodic_s
+            chars = -parallel.max_over_processes(-int(periodic_s / evals / eval_char_s))
+            self.subset_chars = chars if chars < self.full_eval_chars else None
+        if fits - done >= 4 * self.PROBE:
+            self.recheck = (done, meter.elapsed(), done + (fits - done) // 4)
+        self.end_s, self.cap = end_s, total
+        return fits
+
+    def _recheck(self, done: int, meter: "Meter", total: int) -> Optional[int]:
+        since, t0, _ = self.recheck
+        self.recheck = None
+        wall_rate = (done - since) / max(meter.elapsed() - t0, 1e-9)
+        left = self.budget_s - meter.elapsed() - self.end_s - meter.compile_s
+        fits = done + int(max(0.0, left) * wall_rate)
+        fits = -parallel.max_over_processes(-min(self.cap, max(done + 1, fits)))
+        if abs(fits - total) <= 0.01 * total:
+            return None      # within 1%: not worth a compile
+        self.rate, self.rechecked = wall_rate, True
+        return fits
 
 
 class Diverged(Exception):
@@ -130,6 +176,8 @@ class Meter:
         self.compile_s = 0.0                          # the session's first step (it compiles)
         self.pending: list[tuple[int, Any, bool]] = []   # (step, device metrics, in the rate)
         self.side_s: dict[str, float] = {}
+        self.side_by: dict[str, float] = {}           # this session's side work by name
+        self.eval_chars = 0                           # held-out chars this session evaluated
         e = epoch_loss or {}
         here = start_step // plan.steps_per_epoch
         self.epoch = (here, e["sum"], e["steps"]) if e.get("epoch") == here else (here, 0.0, 0)
@@ -204,6 +252,7 @@ class Meter:
         finally:
             now = time.perf_counter()
             self.side_s[name] = self.side_s.get(name, 0.0) + now - t0
+            self.side_by[name] = self.side_by.get(name, 0.0) + now - t0
             if name == "compile_s":
                 self.compile_s = now - t0
             else:
@@ -211,6 +260,7 @@ class Meter:
             self.window_start = now
 
     def write_eval(self, step: int, val: dict, end_of_epoch: bool) -> None:
+        self.eval_chars += val.get("val_chars", 0)
         if val:
             self.divergence.val_loss(step, val["val_loss"])
         e, total, n = self.epoch   # a whole epoch just ended, every step of it seen (or restored)
@@ -225,6 +275,15 @@ class Meter:
                            f"{self.last_train.get('train_loss', float('nan')):.4f} val_loss "
                            f"{val['val_loss']:.4f} val_last_loss {val['val_last_loss']:.4f} "
                            f"({val['val_bpc']:.3f} bpc)")
+
+    @property
+    def eval_cost(self) -> tuple[float, int]:
+        """(seconds, chars) of this session's evaluations."""
+        return self.side_by.get("eval_s", 0.0), self.eval_chars
+
+    def write_extra(self, step: int, fields: dict) -> None:
+        """An event of other fields at `step` (the kept best checkpoint's whole-text metrics)."""
+        self.log.write({**self._event(step), **fields})
 
     def snapshot(self) -> dict:
         """What a checkpoint needs to resume the metrics exactly (after `flush`)."""
@@ -262,15 +321,19 @@ class Saver:
     position, the learning-rate schedule, elapsed time and the epoch's running loss)."""
 
     def __init__(self, plan, checkpointer: ckpt.Checkpointer, meter: Meter, lr_pieces: list,
-                 early_stop: "EarlyStop", total_steps: int, budget_fixed: bool):
+                 early_stop: "EarlyStop", total_steps: int, budget_fixed: bool,
+                 eval_subset_chars: Optional[int] = None):
         self.plan, self.checkpointer, self.meter, self.lr_pieces = plan, checkpointer, meter, lr_pieces
         self.early_stop, self.total_steps = early_stop, total_steps
         self.budget_fixed_for = plan.config.time_budget_s if budget_fixed else None
+        self.eval_subset_chars = eval_subset_chars
 
-    def set_length(self, total_steps: int, lr_pieces: list) -> None:
-        """The time budget fixed the run's length: later checkpoints carry it."""
+    def set_length(self, total_steps: int, lr_pieces: list, eval_subset_chars: Optional[int] = None) -> None:
+        """The time budget fixed the run's length (and its evaluation subset): later checkpoints
+        carry them."""
         self.total_steps, self.lr_pieces = total_steps, lr_pieces
         self.budget_fixed_for = self.plan.config.time_budget_s
+        self.eval_subset_chars = eval_subset_chars
 
     def __call__(self, step: int, state, val: Optional[dict] = None) -> None:
         if self.checkpointer.latest_step() == step:
@@ -279,6 +342,7 @@ class Saver:
         meta = {**self.plan.description(), "step": step, "epoch": step // spe,
                 "batch_in_epoch": step % spe, "steps_per_epoch": spe,
                 "total_steps": self.total_steps, "budget_fixed_for": self.budget_fixed_for,
+                "eval_subset_chars": self.eval_subset_chars,
                 "lr_pieces": self.lr_pieces,
                 "num_devices": int(self.plan.mesh.devices.size), "jax_version": jax.__version__,
                 "lstm_jax_version": _version(), "val_loss": val.get("val_loss"),

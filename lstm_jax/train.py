@@ -16,6 +16,7 @@ import pathlib
 from typing import Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -162,6 +163,7 @@ class _Start:
     side_s: float = 0.0                  # eval/checkpoint/sample time of earlier sessions
     total_steps: int = 0                 # the run's length (the plan's, or fixed by the time budget)
     budget_fixed: bool = False           # time_budget_s already fixed the length (saved)
+    eval_subset_chars: Optional[int] = None   # ... and sized the periodic evaluations' subset
 
 
 def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer,
@@ -192,7 +194,8 @@ def _resume_or_start(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Check
         say(f"resuming {workdir} from step {at} (epoch {at / plan.steps_per_epoch:.2f})"
              + (f"; {meta.get('total_steps')} -> {total} steps: {how}" if how else ""))
         start = _Start(state, at, pieces, meta.get("elapsed_s", 0.0), meta.get("epoch_loss"),
-                       meta.get("best"), meta.get("side_s", 0.0), total, budget_fixed)
+                       meta.get("best"), meta.get("side_s", 0.0), total, budget_fixed,
+                       meta.get("eval_subset_chars") if budget_fixed else None)
     else:
         saved = workdir_lib.read_json(workdir / "config.json")
         if saved is not None:   # a run stopped before its first checkpoint: same contract
@@ -245,12 +248,19 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     meter = periodic.Meter(plan, log, bar, start.step, start.lr_pieces, start.elapsed_s,
                            start.side_s, start.epoch_loss, peak_flops=peak.flops_per_s)
     profiler = periodic.Profiler(config.profile_steps, workdir, start.step)
-    evaluator = evaluate.Evaluator(plan, plan.graphdef)
+    evaluator = evaluate.Evaluator(plan, plan.graphdef)   # the whole held-out text
+    # a budgeted run's periodic evaluations: a fixed subset, sized when the budget fixes the length
+    subset = lambda chars: evaluate.Evaluator(plan, plan.graphdef, chars) if chars else evaluator  # noqa: E731
+    periodic_eval = subset(start.eval_subset_chars)
+    best_params = None   # (step, a device copy of the params) of the best subset evaluation
     early_stop = periodic.EarlyStop(config.checkpoint.best_metric, config.checkpoint.early_stop_evals,
                             start.best)
-    save = periodic.Saver(plan, checkpointer, meter, pieces, early_stop, total, start.budget_fixed)
+    save = periodic.Saver(plan, checkpointer, meter, pieces, early_stop, total, start.budget_fixed,
+                          start.eval_subset_chars)
     write_samples = periodic.SampleWriter(plan, workdir, plan.graphdef, bar)
-    budget = periodic.Budget(config.time_budget_s, fixed=start.budget_fixed)
+    budget = periodic.Budget(config.time_budget_s, fixed=start.budget_fixed,
+                             full_eval_chars=evaluator.chars,
+                             eval_every=config.eval_every, steps_per_epoch=plan.steps_per_epoch)
     every = lambda n, k: bool(k) and n % k == 0   # noqa: E731
     done, stop = start.step, periodic.StopRequests(agree_every=config.log_every)
     try:
@@ -273,21 +283,35 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                 bar.update(1)   # host-side only: no device sync
                 if (length := budget.length(done, meter, state, total)) is not None:
                     total, pieces, how = length, *steps.continue_lr_segments(pieces, config, done, length)
-                    train_step = compile_step(plan.optimizer(pieces))
-                    save.set_length(total, pieces)
+                    with meter.side_work("compile_s"):   # timed: the next fix reserves it
+                        train_step = compile_step(plan.optimizer(pieces))
+                    save.set_length(total, pieces, budget.subset_chars)
                     meter.lr_pieces, bar.total = pieces, total
-                    say(f"time budget {config.time_budget_s:g} s of training: {total} steps "
-                         f"({budget.rate:.1f} steps/s measured)"
-                         + (f"; {how}" if how else ""), bar)
+                    if budget.rechecked:
+                        say(f"time budget {config.time_budget_s:g} s of wall time: {total} steps at "
+                            f"the wall-clock rate since ({budget.rate:.1f} steps/s, side work "
+                            f"included)" + (f"; {how}" if how else ""), bar)
+                    else:
+                        periodic_eval = subset(budget.subset_chars)
+                        say(f"time budget {config.time_budget_s:g} s of wall time (steps, evaluations, "
+                            f"checkpoints, samples): {total} steps ({budget.rate:.1f} steps/s measured, "
+                            f"{budget.reserve_s:.1f} s kept for side work); periodic evaluations on "
+                            + (f"a fixed {periodic_eval.chars:,}-char subset of the held-out text"
+                               if periodic_eval is not evaluator else "the whole held-out text")
+                            + f" ({evaluator.chars:,} chars at the end)"
+                            + (f"; {how}" if how else ""), bar)
                 if stop.requested(done, state):
                     break
                 end_of_epoch = done % plan.steps_per_epoch == 0 or done == total
                 val: dict = {}
                 if end_of_epoch or every(done, config.eval_every):
                     with meter.side_work("eval_s"):
-                        val = evaluator(placement.global_state(state).params)
+                        val = (evaluator if done == total else periodic_eval)(
+                            placement.global_state(state).params)
                     meter.write_eval(done, val, end_of_epoch)
                     early_stop.update(done, val)
+                    if periodic_eval is not evaluator and early_stop.best["step"] == done:
+                        best_params = (done, jax.tree.map(jnp.copy, placement.global_state(state).params))
                 if end_of_epoch or every(done, config.checkpoint.every_steps) or early_stop.stop:
                     with meter.side_work("checkpoint_s"):
                         save(done, placement.global_state(state), val)
@@ -301,6 +325,15 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
                     with meter.side_work("sample_s"):
                         write_samples(done, placement.global_state(state).params)
             profiler.stop(done, state, meter, bar, final=True)   # the run ended inside the window
+            if periodic_eval is not evaluator and not stop.signal and config.checkpoint.keep_best:
+                with meter.side_work("eval_s"):   # the kept best was ranked on the subset
+                    best = _evaluate_best(plan, checkpointer, evaluator, done, best_params)
+                if best:
+                    meter.write_extra(done, best)
+                    say(f"best checkpoint (step {best['best_step']}) on the whole held-out text: "
+                        f"val_loss {best['best_val_loss']:.4f}"
+                        + (f", val_text_bpc {best['best_val_text_bpc']:.4f}"
+                           if "best_val_text_bpc" in best else ""), bar)
             late = not stop.signal and stop.requested(done, state, final=True)   # in the last samples
             if stop.signal:
                 with meter.side_work("checkpoint_s"):
@@ -324,6 +357,24 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     return TrainResult(model=nnx.merge(plan.graphdef, params), vocab=plan.vocab, step=done,
                        metrics={**meter.last_train, **meter.last_eval},
                        preempted=stop.signal is not None, preempted_by=stop.signal)
+
+
+def _evaluate_best(plan: Plan, checkpointer: ckpt.Checkpointer, evaluator: evaluate.Evaluator,
+                   done: int, held: Optional[tuple]) -> dict:
+    """The whole held-out text's metrics of the kept best checkpoint, as best_* (empty when the
+    best is the last step, evaluated whole already, or there is none). Its params are `held`
+    (step, params) when this session saw it, else restored."""
+    checkpointer.wait()
+    best = checkpointer.best_step()
+    if best is None or best == done:
+        return {}
+    if held is not None and held[0] == best:
+        params = held[1]
+    else:
+        tree, _ = checkpointer.restore(steps.state_to_tree(plan.abstract_state), best)
+        params = steps.state_from_tree(tree).params
+    val = evaluator(params)
+    return {"best_step": best, **{f"best_{k}": v for k, v in val.items()}}
 
 
 # --- small helpers ----------------------------------------------------------------------------

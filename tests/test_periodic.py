@@ -70,12 +70,15 @@ def test_early_stop_resumes_from_the_saved_best_and_never_stops_without_patience
 # --- the time budget ----------------------------------------------------------------------------
 
 class _Clock:
-    """A meter whose training time the test sets."""
+    """A meter whose training time and wall time the test sets (`side`: side work so far)."""
     def __init__(self):
-        self.t, self.compile_s = 0.0, 2.0
+        self.t, self.side, self.compile_s, self.chars_per_step = 0.0, 0.0, 2.0, 1000
 
     def train_time(self):
         return self.t
+
+    def elapsed(self):
+        return self.t + self.side
 
 
 def test_the_budget_fixes_the_length_once_from_the_measured_rate():
@@ -89,8 +92,50 @@ def test_the_budget_fixes_the_length_once_from_the_measured_rate():
     assert len(fixed) == 1
     done, n = fixed[0]
     assert done == 1 + periodic.Budget.WARMUP + 50   # probe: max(30 steps, 5 s at 10 steps/s)
-    left = 100.0 - (1.0 + 0.1 * done) - meter.compile_s
+    # no held-out text: the reserve is the periodic-evaluation share and one more compile
+    left = 100.0 - (1.0 + 0.1 * done) - meter.compile_s - periodic.Budget.EVAL_SHARE * 100.0
     assert budget.rate == pytest.approx(10.0) and n == done + int(left * 10.0)
+
+
+def test_the_budget_is_wall_time_and_keeps_room_for_the_evaluations_to_come():
+    """The side work already done (3 s of evaluations) and the end's two whole-text evaluations
+    come out of the budget; the periodic evaluations get a fixed subset sized to EVAL_SHARE.
+    Fails if the budget counted training time only."""
+    budget = periodic.Budget(100.0, fixed=False, full_eval_chars=40_000, eval_every=100)
+    meter = _Clock()
+    meter.side = 3.0
+    n = None
+    for done in range(1, 200):
+        meter.t = 1.0 + 0.1 * done              # 10 steps/s of 1,000 chars: 10,000 chars/s
+        n = budget.length(done, meter, None, total=10_000) or n
+    done = 1 + periodic.Budget.WARMUP + 50
+    end_s = 2 * 40_000 * periodic.Budget.EVAL_CHAR_COST / 10_000      # 4 s
+    assert budget.reserve_s == pytest.approx(end_s + 5.0 + meter.compile_s)
+    wall = 1.0 + 0.1 * done + 3.0
+    assert n == done + int((100.0 - wall - budget.reserve_s) * 10.0)
+    # the evaluations between `done` and the end: 5 s over them, 0.5 s of a trained char each
+    evals = (n - 1) // 100 - done // 100
+    assert budget.subset_chars == int(5.0 / evals / (0.5 / 10_000)) < 40_000
+    # predicted wall time of the run: everything fits in the budget
+    assert wall + (n - done) / budget.rate + budget.reserve_s <= 100.0
+
+
+def test_the_budget_rechecks_once_at_the_wall_clock_rate_when_side_work_slows_the_run():
+    """Evaluations and checkpoints that take more than foreseen (here: half of the wall time
+    after the first fix) shorten the run once more, so it still ends inside the budget."""
+    budget, meter = periodic.Budget(100.0, fixed=False), _Clock()
+    fixes = []
+    for done in range(1, 5000):
+        meter.t = 1.0 + 0.1 * min(done, 57) + 0.1 * max(0, done - 57)
+        meter.side = 0.1 * max(0, done - 57)         # after the fix: 1 s of side work per 10 steps
+        n = budget.length(done, meter, None, total=fixes[-1][1] if fixes else 10_000)
+        if n is not None:
+            fixes.append((done, n))
+        if fixes and done >= fixes[-1][1]:
+            break
+    (d1, n1), (d2, n2) = fixes
+    assert d2 == d1 + (n1 - d1) // 4 and n2 < n1 and budget.rate == pytest.approx(5.0, rel=0.01)
+    assert meter.elapsed() <= 100.0    # the end: inside the budget
 
 
 def test_the_budget_never_lengthens_the_run_and_a_fixed_budget_does_nothing():
@@ -98,6 +143,7 @@ def test_the_budget_never_lengthens_the_run_and_a_fixed_budget_does_nothing():
     got = [budget.length(d, meter, None, total=1000) for d in range(1, 400)
            if not setattr(meter, "t", 0.1 * d)]   # the probe takes 30 s: measured at step 306
     assert [n for n in got if n is not None] == [1000]
+    assert budget.subset_chars is None       # no held-out text to subset
     assert periodic.Budget(100.0, fixed=True).length(10, meter, None, total=60) is None
 
 

@@ -42,7 +42,6 @@ import json
 import os
 import pathlib
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from lstm_jax.bench import peak_rss_mb  # noqa: E402  (the package's harness; no JAX import)
 
 TEMPERATURES = [0.2, 0.5, 1.0, 1.2]
 TARGETS = {  # issue #12: minimum speed-up over PyTorch's loop in the same run; compile seconds
@@ -59,10 +59,6 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
 OUT = ROOT / "benchmarks" / "results" / "sample_cpu.json"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class CompileClock:

@@ -18,116 +18,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
+import types
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from lstm_jax import bench, flops  # noqa: E402  (the standard library and numpy only: no JAX)
 
 
 def train_flops(objective: str, hidden: int, layers: int, batch: int, seq: int, vocab: int,
                 count_onehot: bool = False) -> float:
-    """Model FLOPs of one training step (matmuls only; backward = 2x forward).
+    """Model FLOPs of one training step: `lstm_jax.flops` (matmuls only; backward = 2x forward).
 
     The first layer's input projection is a gather in lstm_jax (one-hot @ W_ih), so it is not
     counted unless `count_onehot`; the same count is used for both libraries.
     """
-    h4 = 4 * hidden
-    fwd = layers * seq * batch * 2 * hidden * h4            # h @ W_hh, every layer and step
-    fwd += (layers - 1) * seq * batch * 2 * hidden * h4     # x @ W_ih of layers 2..
-    if count_onehot:
-        fwd += seq * batch * 2 * vocab * h4
-    positions = batch if objective == "window" else batch * seq
-    fwd += positions * 2 * hidden * vocab                   # head
-    return 3.0 * fwd
+    model = types.SimpleNamespace(vocab_size=vocab, hidden_size=hidden, num_layers=layers)
+    onehot = 3.0 * seq * batch * 2 * vocab * 4 * hidden if count_onehot else 0.0
+    return flops.train_flops_per_step(model, batch, seq, objective) + onehot
 
 
 def build(wl: dict, threads: int | None = None):
-    """(step(k) -> loss tensor, info) for one workload: model, optimiser and 4 random batches."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    V, H, L, B, T = wl["vocab"], wl["hidden"], wl["layers"], wl["batch"], wl["seq"]
-    window = wl["objective"] == "window"
-    embedding = wl.get("torch_input", "onehot") == "embedding"
-
-    class CharLSTM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            # embedding input: nn.Embedding(V, H) -> nn.LSTM(H, H), what a PyTorch user writes
-            # for a large vocabulary (one more (V, H) table than lstm_jax's gather of W_ih).
-            self.embed = nn.Embedding(V, H) if embedding else None
-            self.lstm = nn.LSTM(H if embedding else V, H, num_layers=L, batch_first=True)
-            self.fc = nn.Linear(H, V)
-
-        def forward(self, x):
-            x = self.embed(x) if embedding else F.one_hot(x, V).float()
-            out, _ = self.lstm(x)
-            return self.fc(out[:, -1] if window else out)
-
-    model = CharLSTM()
-    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, eps=1e-7)
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(4):
-        x = torch.randint(0, V, (B, T), generator=gen)
-        y = torch.randint(0, V, (B,) if window else (B, T), generator=gen)
-        batches.append((x, y))
-
-    def step(k):
-        x, y = batches[k % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    """(step(k) -> loss tensor, info) for one workload: `lstm_jax.bench.torch_step` (one-hot input
+    unless wl["torch_input"] == "embedding"), plus the MALLOC_ settings in effect."""
+    step, info = bench.torch_step(dict(wl, torch_input=wl.get("torch_input", "onehot")), threads)
+    info["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     return step, info
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (ru_maxrss), MiB."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def warm_up(step, min_time: float, sync=lambda out: None) -> tuple[float, int]:
-    """First-step seconds, and steps per timed repeat so that one repeat takes ~min_time."""
-    t0 = time.perf_counter()
-    sync(step(0))
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n_warm = 0
-    while n_warm < 3 or time.perf_counter() - t0 < 0.5 * min_time:
-        out = step(n_warm + 1)
-        n_warm += 1
-    sync(out)
-    per = (time.perf_counter() - t0) / n_warm
-    return first_s, max(2, int(round(min_time / per)))
+peak_rss_mb = bench.peak_rss_mb
+warm_up = bench.warm_up
 
 
 def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    """Answers {"op": "time"} lines with {"t": seconds per step over n steps}; stops at EOF or
-    {"op": "finish"}. Used by bench_train.py to interleave repeats of all variants."""
-    k = 0
-    for line in stdin:
-        cmd = json.loads(line)
-        if cmd["op"] == "time":
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = step(k)
-                k += 1
-            sync(out)
-            print(json.dumps({"t": (time.perf_counter() - t0) / n}), file=stdout, flush=True)
-        elif cmd["op"] == "finish":
-            print(json.dumps({"finished": True, "loss": float(sync(out)) if k else None,
-                              "peak_rss_mb": peak_rss_mb()}), file=stdout, flush=True)
-            return
+    """`lstm_jax.bench.serve`; {"op": "finish"} answers the last loss and the peak RSS. Used by
+    bench_train.py to interleave repeats of all variants."""
+    bench.serve(step, n, sync, stdin, stdout,
+                finish=lambda last: {"finished": True, "loss": float(sync(last(0))) if last else None,
+                                     "peak_rss_mb": peak_rss_mb()})
 
 
 def run_workload(wl: dict, repeats: int, min_time: float, threads: int | None) -> dict:

@@ -99,9 +99,10 @@ def time_steps(step, n: int, sync, start: int = 0) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout) -> None:
+def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout, finish=None) -> None:
     """Answers {"op": "time"} lines with {"t": seconds per step over n steps}, until EOF or
-    {"op": "finish"}."""
+    {"op": "finish"}, which `finish(step)` (if given: a dict, e.g. the last loss and peak RSS)
+    answers."""
     k = 0
     for line in stdin:
         cmd = json.loads(line)
@@ -109,7 +110,15 @@ def serve(step, n: int, sync, stdin=sys.stdin, stdout=sys.stdout) -> None:
             print(json.dumps({"t": time_steps(step, n, sync, k)}), file=stdout, flush=True)
             k += n
         elif cmd["op"] == "finish":
+            if finish is not None:
+                print(json.dumps(finish(step if k else None)), file=stdout, flush=True)
             return
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (ru_maxrss), MiB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _torch_worker(argv: Sequence[str]) -> int:

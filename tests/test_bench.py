@@ -38,3 +38,24 @@ def test_bench_refuses_torch_on_without_torch(monkeypatch, tmp_path):
         cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "tiny.py"), "--quick",
                   "--vocab_size=30", "--torch=on", f"--out={tmp_path / 'b.json'}", "--noprogress"])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_benchmarks_torch_baseline_drives_the_packages_harness():
+    """benchmarks/torch_baseline.py keeps no harness of its own: its FLOP count is
+    lstm_jax.flops', its warm-up is lstm_jax.bench's, and its worker protocol is bench.serve
+    (a fake step stands in for PyTorch)."""
+    import importlib.util
+    import io
+    spec = importlib.util.spec_from_file_location("torch_baseline", REPO / "benchmarks" / "torch_baseline.py")
+    tb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tb)
+    assert tb.warm_up is bench.warm_up and tb.peak_rss_mb is bench.peak_rss_mb
+    m = ModelConfig(vocab_size=57, hidden_size=128, num_layers=2)
+    assert tb.train_flops("window", 128, 2, 16, 60, 57) == flops.train_flops_per_step(m, 16, 60, "window")
+    calls = []
+    stdout = io.StringIO()
+    tb.serve(lambda k: calls.append(k) or 2.5, 3, float,
+             stdin=io.StringIO('{"op": "time"}\n{"op": "time"}\n{"op": "finish"}\n'), stdout=stdout)
+    replies = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [sorted(r) for r in replies[:2]] == [["t"], ["t"]] and calls[:6] == list(range(6))
+    assert replies[2]["finished"] and replies[2]["loss"] == 2.5 and replies[2]["peak_rss_mb"] > 0

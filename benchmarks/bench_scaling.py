@@ -77,7 +77,7 @@ def worker(spec: dict) -> dict:
         batch = steps.global_batch_size(cfg, mesh)
         tx = steps.make_optimizer(cfg, 1000)
         graphdef, state = steps.init_state(cfg, steps.model_config(cfg, wl["vocab"]), tx, mesh)
-        step = steps.make_train_step(graphdef, tx, cfg)
+        step = steps.make_train_step(graphdef, tx, cfg, mesh=mesh)
         rows = parallel.process_rows(batch)
         rng = np.random.default_rng(0)
         batches = [parallel.to_global(

@@ -16,6 +16,9 @@ Variants (cumulative, as in the performance issue):
   plain_dev    autodiff backward + malloc + devices (the "straightforward step" on all cores)
   devices_mt   devices, but the devices share a multi-threaded intra-op pool
   default_env_dev  custom + devices without malloc tuning
+  native       the native CPU recurrence (backward='native', = 'auto' in float32 on AVX-512) +
+               malloc + the host plan's devices; native_1dev / native_2dev: 1 device x 2 kernel
+               threads / 2 devices x 1; native_bf16: its bfloat16 recurrent matmuls
   torch        PyTorch nn.LSTM as users run it (default environment)
   torch_malloc PyTorch with the same glibc malloc settings (MALLOC_* env vars)
 `--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags, or
@@ -80,6 +83,8 @@ WORKLOADS["grid"] = WORKLOADS["grid1"] + WORKLOADS["grid2"] + WORKLOADS["grid3"]
 # 103 characters) and issue #12's large vocabulary (V=10,000; the PyTorch peer takes nn.Embedding
 # input there, as a PyTorch user would: one-hot input at that V is not a fair peer).
 WORKLOADS["default"] = [dict(vocab=103, hidden=256, layers=1, batch=32, seq=64, objective="sequence")]
+# configs/recipe.py's shape (LSTM(512), B=32, T=100; the built-in corpus's 103 characters).
+WORKLOADS["recipe"] = [dict(vocab=103, hidden=512, layers=1, batch=32, seq=100, objective="sequence")]
 WORKLOADS["bigv"] = [dict(vocab=10_000, hidden=256, layers=1, batch=32, seq=64,
                           objective="sequence", torch_input="embedding")]
 WORKLOADS["bigv20k"] = [dict(WORKLOADS["bigv"][0], vocab=20_000)]
@@ -108,6 +113,12 @@ VARIANTS = {
     "default_env_dev": dict(kind="jax", backward="custom", malloc=False, devices=0, dtype="float32"),
     "devices_mt": dict(kind="jax", backward="custom", malloc=True, devices=0, dtype="float32",
                        single_threaded=False),
+    # the native CPU recurrence (lstm_jax/native; what backward='auto' runs in float32 here): the
+    # host plan's devices (cores // devices kernel threads each), or one device with every core
+    "native": dict(kind="jax", backward="native", malloc=True, devices=0, dtype="float32"),
+    "native_1dev": dict(kind="jax", backward="native", malloc=True, devices=1, dtype="float32"),
+    "native_2dev": dict(kind="jax", backward="native", malloc=True, devices=2, dtype="float32"),
+    "native_bf16": dict(kind="jax", backward="native", malloc=True, devices=0, dtype="bfloat16"),
     "torch": dict(kind="torch", malloc=False),
     "torch_malloc": dict(kind="torch", malloc=True),
 }
@@ -170,7 +181,7 @@ def _make_step(wl: dict, var: dict):
     mcfg = train.model_config(cfg, wl["vocab"])
     tx = train.make_optimizer(cfg, 1000)
     graphdef, state = train.init_state(cfg, mcfg, tx, mesh)
-    step = train.make_train_step(graphdef, tx, cfg)
+    step = train.make_train_step(graphdef, tx, cfg, mesh=mesh)
     rng = jax.random.key(1)
     batches = []
     for k in range(4):  # (B, T + 1): inputs and next-char targets
@@ -474,7 +485,7 @@ def batch_grid_rows(record: dict) -> list[dict]:
     the auto rule picks, and each one's ratio to PyTorch in the same interleaved run."""
     out = []
     for key, run in record["runs"].items():
-        if ":" in key or not key.startswith(("batch", "default", "bigv")):
+        if ":" in key or not key.startswith(("batch", "default", "recipe", "bigv")):
             continue
         shapes = {_wl_key(r["workload"]): r["workload"] for r in run["rows"] if "workload" in r}
         for wl_key, t in run["summary"].items():
@@ -492,6 +503,42 @@ def batch_grid_rows(record: dict) -> list[dict]:
     return sorted(out, key=lambda r: (r["vocab"] != 57, r["layers"], r["hidden"], r["batch"]))
 
 
+def native_grid_rows(record: dict) -> list[dict]:
+    """One row per shape of the runs tagged "native" (`--tag native --variants native,torch`,
+    plus custom-scan and bf16 variants where run): chars/s, ratio to PyTorch and MFU per variant."""
+    out = []
+    for key, run in record["runs"].items():
+        if not key.endswith(":native"):
+            continue
+        shapes = {_wl_key(r["workload"]): r["workload"] for r in run["rows"] if "workload" in r}
+        for wl_key, t in run["summary"].items():
+            v = t["values"]
+            if not {"torch", "native"} <= set(v):
+                continue
+            wl = shapes[wl_key]
+            out.append(dict(workload=key, layers=wl["layers"], hidden=wl["hidden"],
+                            batch=wl["batch"], vocab=wl["vocab"], seq=wl["seq"], values=v,
+                            ratio={k: x / v["torch"] for k, x in v.items()},
+                            mfu=t.get("mfu", {}), ratio_auto=v["native"] / v["torch"],
+                            time=run["time"]))
+    return sorted(out, key=lambda r: (r["vocab"] != 57, r["layers"], r["hidden"], r["batch"]))
+
+
+def print_native_grid(rows: list[dict]) -> None:
+    """The native grid as a Markdown table: ratio to PyTorch and MFU of each variant."""
+    variants = sorted({k for r in rows for k in r["values"]} - {"torch"},
+                      key=lambda k: (k != "native", k))
+    print("| layers | hidden | B | T | V | PyTorch chars/s | " +
+          " | ".join(f"{k} / PyTorch (MFU)" for k in variants) + " | PyTorch MFU |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(variants) + 1))
+    for r in rows:
+        cells = [f"{r['ratio'][k]:.2f}x ({r['mfu'].get(k, float('nan')):.0%})" if k in r["values"]
+                 else "" for k in variants]
+        print(f"| {r['layers']} | {r['hidden']} | {r['batch']} | {r['seq']} | {r['vocab']} | "
+              f"{r['values']['torch']:,.0f} | " + " | ".join(cells) +
+              f" | {r['mfu'].get('torch', float('nan')):.0%} |")
+
+
 def print_batch_grid(rows: list[dict]) -> None:
     """The grid as a Markdown table (for the README)."""
     print("| layers | hidden | B | V | PyTorch | 1 device | 2 devices | auto | auto / PyTorch |")
@@ -503,7 +550,8 @@ def print_batch_grid(rows: list[dict]) -> None:
               f"**{r['ratio_auto']:.2f}x** |")
 
 
-def plot_batch_grid(rows: list[dict], path: pathlib.Path) -> None:
+def plot_batch_grid(rows: list[dict], path: pathlib.Path,
+                    who: str = "lstm_jax (auto devices)") -> None:
     """Throughput / PyTorch against batch size, one line per hidden size, one panel per layer
     count, for the setting the auto rule picks; the default config's shape and V = 10,000 as
     markers."""
@@ -531,7 +579,7 @@ def plot_batch_grid(rows: list[dict], path: pathlib.Path) -> None:
         ax.set_xlabel("batch size B (T = 64)")
         ax.set_title(f"{layers} layer{'s' if layers > 1 else ''}", fontsize=9)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("target chars/s: lstm_jax (auto devices) / PyTorch")
+    axes[0].set_ylabel(f"target chars/s: {who} / PyTorch")
     axes[1].text(0.02, 0.02, "ratios far above 2: PyTorch's default glibc malloc collapses at "
                  "that shape\n(benchmarks/README.md)", transform=axes[1].transAxes, fontsize=7)
     fig.suptitle("Training throughput relative to PyTorch nn.LSTM on this CPU (2 cores), same "
@@ -546,6 +594,8 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workloads", default="window,sequence,large",
                     help=f"comma list of {sorted(WORKLOADS)}")
+    ap.add_argument("--native", action="store_true",
+                    help="with --replot: only the native grid (runs tagged 'native')")
     ap.add_argument("--variants", default=None,
                     help=f"comma list of {sorted(VARIANTS)} (default: {DEFAULT_VARIANTS}; "
                          f"for grid: {GRID_VARIANTS})")
@@ -588,7 +638,7 @@ def main(argv=None) -> int:
         record = json.loads(out.read_text())
         peak = (record.get("gemm_peak_gflops") or {}).get("max")
         for key, run in record["runs"].items() if args.all_charts else ():
-            if key.startswith(("grid", "batch", "default", "bigv")) or ":" in key:
+            if key.startswith(("grid", "batch", "default", "recipe", "bigv")) or ":" in key:
                 continue
             wname, _, tag = key.partition(":")
             plot(run["summary"], out.parent / f"train_cpu_{wname}{'_' + tag if tag else ''}.png",
@@ -599,9 +649,14 @@ def main(argv=None) -> int:
         if grid_rows and args.all_charts:
             plot_grid(grid_rows, out.parent / "train_cpu_grid.png", peak)
         batch_rows = batch_grid_rows(record)
-        if batch_rows:
+        if batch_rows and not args.native:
             plot_batch_grid(batch_rows, out.parent / "train_cpu_batch.png")
             print_batch_grid(batch_rows)
+        native_rows = native_grid_rows(record)
+        if native_rows:
+            plot_batch_grid(native_rows, out.parent / "train_cpu_native.png",
+                            who="lstm_jax (native kernel)")
+            print_native_grid(native_rows)
         return 0
     record = {}
     if out.exists() and not args.fresh:
@@ -643,7 +698,7 @@ def main(argv=None) -> int:
         if wname.startswith("grid"):
             plot_grid([r for k, v in runs.items() if k.startswith("grid") for r in v["rows"]],
                       out.parent / "train_cpu_grid.png", peak_val)
-        elif wname.startswith(("batch", "default", "bigv")) and not args.tag:
+        elif wname.startswith(("batch", "default", "recipe", "bigv")) and not args.tag:
             if batch_grid_rows(record):
                 plot_batch_grid(batch_grid_rows(record), out.parent / "train_cpu_batch.png")
         elif table and not args.tag:   # tagged A/B runs are kept in the JSON only

@@ -67,7 +67,7 @@ def main() -> None:
     mesh = parallel.make_mesh()
     tx = train.make_optimizer(config, 1000)
     graphdef, state = train.init_state(config, train.model_config(config, args.vocab), tx, mesh)
-    step = train.make_train_step(graphdef, tx, config)
+    step = train.make_train_step(graphdef, tx, config, mesh=mesh)
     rows = np.random.default_rng(0).integers(0, args.vocab, (config.batch_size, config.seq_len + 1))
     batch, key = parallel.to_global(rows.astype(np.int32), mesh), jax.random.key(0)
     hlo = step.lower(state, batch, key).compile().as_text()

@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
     c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays f32)
     c.model.param_dtype = "float32"   # parameter (and optimizer state) dtype
-    c.model.backward = "custom"    # custom (hand BPTT) | autodiff (jax.grad of the scan) | cudnn (GPU)
+    c.model.backward = "auto"      # auto (the native CPU kernel where it runs and measured faster,
+                                   # else custom) | native | custom (hand BPTT in JAX) | autodiff
+                                   # (jax.grad of the scan) | cudnn (GPU)
     # --- optimisation ---------------------------------------------------------------------------
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "rmsprop"       # rmsprop (Keras-identical) | adam | adamw
@@ -223,8 +225,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("checkpoint.early_stop_evals must be >= 0 (0 = never stop early)")
     if config.optimizer.schedule not in ("constant", "cosine"):
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {config.optimizer.schedule!r}")
-    if config.model.backward not in ("custom", "autodiff", "cudnn"):
-        raise ValueError(f"model.backward must be 'custom', 'autodiff' or 'cudnn', got {config.model.backward!r}")
+    if config.model.backward not in ("auto", "native", "custom", "autodiff", "cudnn"):
+        raise ValueError(f"model.backward must be 'auto', 'native', 'custom', 'autodiff' or "
+                         f"'cudnn', got {config.model.backward!r}")
     if config.vocab not in ("chars", "bytes"):
         raise ValueError(f"vocab must be 'chars' or 'bytes', got {config.vocab!r}")
     if config.parallel.mode not in ("mesh", "pmap"):

@@ -33,7 +33,7 @@ class Evaluator:
     MIN_STREAM = 1024    # chars per stream at least: less of a short text read from a cold state
 
     def __init__(self, plan, graphdef, max_chars: Optional[int] = None):
-        self.plan, self.eval_step = plan, steps.make_eval_step(graphdef)
+        self.plan, self.eval_step = plan, steps.make_eval_step(graphdef, plan.mesh)
         self.rows_per_call = plan.batch   # the training batch: a multiple of the devices
         windows, val = plan.windows, plan.corpus.val_tokens
         with_text = plan.config.eval_text and len(val) > 1
@@ -88,7 +88,7 @@ class TextEval:
         self.weight = np.pad(weight, ((0, 0), (0, pad)))
         self.chars, self.streams = int(self.weight.sum()), len(self.tokens)
         self.mesh, self.model_cfg = mesh, model_cfg
-        self.step = steps.make_text_eval_step(graphdef)
+        self.step = steps.make_text_eval_step(graphdef, mesh)
 
     def __call__(self, params) -> float:
         """Mean next-char loss (nats) over every char of the text after the first."""

@@ -18,6 +18,7 @@ from lstm_jax import cudnn, recurrence
 
 Carry = tuple[tuple[jax.Array, jax.Array], ...]  # one (h_BxH, c_BxH) per layer
 
+BACKWARDS = ("auto", "native", "custom", "autodiff", "cudnn")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -40,8 +41,9 @@ class ModelConfig:
     keras_init: bool = False
     dtype: str = "float32"        # compute dtype of the matmuls (cell state stays float32)
     param_dtype: str = "float32"
-    backward: str = "custom"      # custom (hand-written BPTT) | autodiff (jax.grad of the scan)
-                                  # | cudnn (jax.experimental.rnn on a CUDA GPU; see lstm_jax.cudnn)
+    backward: str = "auto"        # auto (native on CPU where measured faster, else custom) | native
+                                  # (lstm_jax.native) | custom (hand-written BPTT) | autodiff
+                                  # (jax.grad of the scan) | cudnn (CUDA GPU; see lstm_jax.cudnn)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers"):
@@ -50,8 +52,8 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
-        if self.backward not in ("custom", "autodiff", "cudnn"):
-            raise ValueError(f"model.backward must be 'custom', 'autodiff' or 'cudnn', got "
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"model.backward must be one of {', '.join(BACKWARDS)}, got "
                              f"{self.backward!r}")
         if self.backward == "cudnn":
             cudnn.check_model_config(self)
@@ -185,7 +187,3 @@ class CharLSTM(nnx.Module):
             x = h
         return self.head(x), tuple(new_carry)
 
-
-def count_params(model: nnx.Module) -> int:
-    """Number of trainable scalars."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -144,11 +144,25 @@ def local_rows(x: jax.Array) -> np.ndarray:
 
 # --- placements: a pure step function and the run's arrays, on a mesh or under pmap ------------
 
+def traced_on(fn: Callable, mesh: Optional[Mesh]) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh, so code inside it that maps itself over the
+    mesh's devices (the native recurrence's `shard_map`: each device's rows, no collectives) sees
+    it; `fn` itself without a mesh. Wrap before `jax.jit`."""
+    if mesh is None or mesh.devices.size == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
+
+
 def jit_step(step_fn: Callable, mesh: Optional[Mesh] = None) -> Callable:
     """`step_fn(state, batch, key, carry_sharding=...)` jitted, state donated; on a `mesh` a
     stream carry stays sharded like the batch."""
-    return jax.jit(functools.partial(step_fn, carry_sharding=data_sharded(mesh) if mesh else None),
-                   donate_argnums=0)
+    step = functools.partial(step_fn, carry_sharding=data_sharded(mesh) if mesh else None)
+    return jax.jit(traced_on(step, mesh), donate_argnums=0)
 
 
 def pmap_step(step_fn: Callable, devices: Optional[Sequence[jax.Device]] = None) -> Callable:

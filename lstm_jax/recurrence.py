@@ -4,10 +4,12 @@ Gate layout along the last axis is Keras's and PyTorch's: input, forget, cell, o
 Input projections for all timesteps are computed before the loop by the caller, so the loop body is
 one (B, H) x (H, 4H) matmul plus elementwise work.
 
-Two implementations with the same signature and results:
+Three implementations with the same signature and results:
   lstm_scan             `lax.scan`, differentiated by JAX (the reference)
-  lstm_scan_custom_vjp  hand-written backward pass (BPTT by hand), the fast one on CPU
-and `lstm_layer(..., backward="autodiff" | "custom")` to choose by name.
+  lstm_scan_custom_vjp  hand-written backward pass (BPTT by hand) in JAX
+  native.lstm_native    the whole layer as one native CPU call each way (lstm_jax/native)
+and `lstm_layer(..., backward=...)` to choose by name ("auto": native where it runs and was
+measured faster, else the custom scan; `backend_name` says which runs).
 """
 from __future__ import annotations
 
@@ -258,7 +260,39 @@ def lstm_scan_custom_vjp(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, ca
     return _lstm_scan_cvjp(xproj_TxBx4H, kernel_rec_Hx4H, (h0, c0), dtype, int(unroll))
 
 
-BACKWARDS = ("autodiff", "custom")
+BACKWARDS = ("autodiff", "custom", "native", "auto")
+
+
+def _native_runs(backward: str, hidden_size: int, dtype) -> bool:
+    """Whether `backward` runs the native kernel for this layer on a CPU (trace-time, host-only)."""
+    if backward not in ("native", "auto") or jax.default_backend() != "cpu":
+        return False   # (GPU/TPU processes never build the kernel)
+    from lstm_jax import native
+    if backward == "auto":
+        return native.fast(hidden_size, dtype)
+    try:
+        native.check_supported(hidden_size, jnp.dtype(dtype).name)
+        return True
+    except native.NativeUnavailable:
+        return False
+
+
+def backend_name(backward: str, hidden_size: int, dtype, platform: str, devices: int = 1) -> str:
+    """What `lstm_layer(backward=...)` runs on `platform` ('cpu', 'gpu', 'tpu') with `devices`
+    devices calling it at once, for the start-up line: e.g. "native (AVX-512, float32, 1
+    thread/device)" or "custom scan"."""
+    if platform == "cpu" and _native_runs(backward, hidden_size, dtype):
+        from lstm_jax import native
+        kind = "AVX-512" if native.has_avx512() and hidden_size % 16 == 0 else "OpenBLAS sgemm"
+        n = native.threads_per_call(devices)
+        return (f"native ({kind}, {jnp.dtype(dtype).name}, {n} thread{'s' if n > 1 else ''}"
+                f"/device)")
+    if backward in ("native", "auto"):
+        if platform == "cpu" and backward == "native":
+            from lstm_jax import native
+            return f"custom scan (native unavailable: {native.available()[1] or 'unsupported'})"
+        return "custom scan"
+    return "custom scan" if backward == "custom" else "autodiff scan"
 
 
 def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry,
@@ -267,6 +301,9 @@ def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry
 
     backward="autodiff": `lstm_scan`, differentiated by JAX (the reference).
     backward="custom":   `lstm_scan_custom_vjp`, hand-written BPTT; faster to train on CPU.
+    backward="native":   the native CPU kernel where it can run (`native.available()`), else
+                         the custom scan; on GPU/TPU the custom scan.
+    backward="auto":     native where `native.fast` (float32, AVX-512), else the custom scan.
     Both return ((h_T, c_T), hs_TxBxH). In float32 they agree to rounding, forward and backward;
     with a bfloat16 `dtype` the forwards agree, but jax.grad runs the transposed matmuls in
     float32 where the custom backward runs them in bfloat16, so gradients differ by bfloat16
@@ -276,4 +313,14 @@ def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry
         return lstm_scan(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype)
     if backward == "custom":
         return lstm_scan_custom_vjp(xproj_TxBx4H, kernel_rec_Hx4H, carry, dtype)
+    if backward in ("native", "auto"):
+        scan = functools.partial(lstm_scan_custom_vjp, dtype=dtype)
+        if not _native_runs(backward, kernel_rec_Hx4H.shape[0], dtype):
+            return scan(xproj_TxBx4H, kernel_rec_Hx4H, carry)
+        from lstm_jax import native
+        # Chosen when lowering: the native call on CPU; the scan for GPU/TPU (an exported or
+        # cross-compiled step carries no CPU custom call).
+        return jax.lax.platform_dependent(
+            xproj_TxBx4H, kernel_rec_Hx4H, carry,
+            cpu=functools.partial(native.lstm_native, dtype=dtype), default=scan)
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")

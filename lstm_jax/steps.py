@@ -246,8 +246,9 @@ def make_train_step(graphdef, tx, config, steps_per_epoch: Optional[int] = None,
     """`train_step(state, batch, key) -> (state, metrics)`, jitted, state donated.
 
     On a mesh, pass a replicated state (its carry sharded like the batch) and a batch sharded over
-    'data'; XLA inserts the gradient all-reduce. Give the `mesh` for the stream objective so the
-    carry stays sharded like the batch.
+    'data'; XLA inserts the gradient all-reduce. Give the `mesh` so the stream objective's carry
+    stays sharded like the batch and the native CPU recurrence runs on each device's rows (without
+    it XLA gathers the batch for the kernel call: the same numbers, each device doing all rows).
     """
     return parallel.jit_step(step_function(graphdef, tx, config, steps_per_epoch), mesh)
 
@@ -260,21 +261,22 @@ def make_pmap_train_step(graphdef, tx, config, devices: Optional[list] = None,
     return parallel.pmap_step(step_function(graphdef, tx, config, steps_per_epoch), devices)
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
     """`eval_step(params, windows_BxL1) -> (loss_sum_B, last_loss_B)`: per-row sums of the
     next-char loss over every position (val_loss) and the loss on the char after the window
     (val_last_loss, the Keras reference's loss). Rows stay sharded and the host reduces them: the
     program has no collectives, so any number of eval steps may be in flight (XLA:CPU can
-    deadlock when several multi-device programs with collectives are queued at once)."""
+    deadlock when several multi-device programs with collectives are queued at once); give the
+    `mesh` the rows are sharded over, so the native recurrence runs on each device's rows."""
     def eval_step(params, windows_BxL1):
         model = nnx.merge(graphdef, params)
         logits = model(windows_BxL1[:, :-1])
         losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, windows_BxL1[:, 1:])
         return losses_BxT.sum(axis=1), losses_BxT[:, -1]
-    return jax.jit(eval_step)
+    return jax.jit(parallel.traced_on(eval_step, mesh))
 
 
-def make_text_eval_step(graphdef) -> Callable:
+def make_text_eval_step(graphdef, mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
     """`text_eval_step(params, chunk_SxL1, weight_SxL, carry) -> (loss_sum_S, carry)`: one chunk
     of S long text streams, continuing each from `carry` (whole-text evaluation with the state
     carried). Per-row sums, no collectives (as `make_eval_step`)."""
@@ -283,7 +285,7 @@ def make_text_eval_step(graphdef) -> Callable:
         logits, carry = model(chunk_SxL1[:, :-1], carry, return_carry=True)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, chunk_SxL1[:, 1:])
         return (losses * weight_SxL).sum(axis=1), carry
-    return jax.jit(text_eval_step, donate_argnums=3)
+    return jax.jit(parallel.traced_on(text_eval_step, mesh), donate_argnums=3)
 
 
 # --- the train state, built in place ----------------------------------------------------------

@@ -24,7 +24,7 @@ from flax import nnx
 
 from lstm_jax import checkpoint as ckpt
 from lstm_jax import config as config_lib
-from lstm_jax import data, evaluate, flops, parallel, periodic, steps
+from lstm_jax import data, evaluate, flops, parallel, periodic, recurrence, steps
 from lstm_jax import workdir as workdir_lib
 from lstm_jax.model import CharLSTM, ModelConfig
 from lstm_jax.periodic import say
@@ -92,6 +92,16 @@ def plan_run(config: ml_collections.ConfigDict, corpus: Optional[data.Corpus] = 
         from lstm_jax import cudnn
         cudnn.check_supported(model_cfg, jax.default_backend(), num_devices=mesh.devices.size,
                               parallel_mode=config.parallel.mode)
+    if model_cfg.backward == "native":   # asked for by name: refused in one line where it cannot run
+        from lstm_jax import native
+        try:
+            if jax.default_backend() != "cpu":
+                raise native.NativeUnavailable(f"it runs on the CPU, and JAX runs on "
+                                               f"{jax.default_backend()}")
+            native.check_supported(model_cfg.hidden_size, model_cfg.dtype)
+        except native.NativeUnavailable as e:
+            raise ValueError(f"model.backward='native' cannot run here: {e}; use "
+                             f"model.backward='auto' (the scan where native cannot run)") from None
     tx = steps.make_optimizer(config, total)
     graphdef, abstract = steps.abstract_state(config, model_cfg, tx, mesh, batch=batch)
     return Plan(config, corpus, mesh, batch, batch // mesh.devices.size, batcher, total, windows,
@@ -224,6 +234,14 @@ def _set_aside(checkpointer: ckpt.Checkpointer, unreadable: list[int], later: li
 
 # --- the loop -------------------------------------------------------------------------------
 
+def _recurrence_backend(plan: Plan) -> str:
+    """What runs each LSTM layer, for the start-up line."""
+    cfg, platform = plan.model_cfg, jax.default_backend()
+    if cfg.backward == "cudnn":
+        return "cuDNN" if platform == "gpu" else "custom scan (cudnn: no GPU)"
+    return recurrence.backend_name(cfg.backward, cfg.hidden_size, cfg.dtype, platform,
+                                   devices=min(plan.mesh.devices.size, jax.local_device_count()))
+
 def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, start: _Start,
          progress: bool) -> TrainResult:
     from tqdm.auto import tqdm
@@ -237,6 +255,7 @@ def _fit(plan: Plan, workdir: pathlib.Path, checkpointer: ckpt.Checkpointer, sta
     peak = flops.mesh_peak(plan.mesh, config.model.dtype)   # CPU: a 0.2 s GEMM, once per process
     say(f"{plan.mesh.devices.size} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
          f"process(es), batch {plan.batch}, {plan.steps_per_epoch} steps/epoch, {total} steps; "
+         f"recurrence: {_recurrence_backend(plan)}; "
          f"peak {peak.flops_per_s / 1e9:,.1f} GFLOP/s for mfu ({peak.source})")
     if start.step >= total:
         say(f"{workdir} is already at step {start.step} of {total}: nothing to train (raise "

@@ -54,7 +54,7 @@ def test_the_default_config_validates_and_every_field_is_commented():
     ({"checkpoint__best_metric": "train_loss"}, r"checkpoint.best_metric must be val_loss or val_text_bpc"),
     ({"checkpoint__best_metric": "val_text_bpc", "eval_text": False}, r"needs eval_text=True"),
     ({"checkpoint__early_stop_evals": -1}, r"checkpoint.early_stop_evals must be >= 0"),
-    ({"model__backward": "fast"}, r"model.backward must be 'custom', 'autodiff' or 'cudnn'"),
+    ({"model__backward": "fast"}, r"model.backward must be 'auto', 'native', 'custom', 'autodiff' or 'cudnn'"),
     ({"vocab": "words"}, r"vocab must be 'chars' or 'bytes', got 'words'"),
     ({"parallel__mode": "dp"}, r"parallel.mode must be 'mesh' or 'pmap', got 'dp'"),
     ({"encoding_errors": "skip"}, r"encoding_errors must be strict, replace or ignore"),

@@ -58,7 +58,7 @@ def _run_steps(mode: str, n_devices: int, overrides: tuple = ()) -> tuple[list[n
     initial = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
     losses = []
     if mode == "mesh":
-        step = steps.make_train_step(graphdef, tx, config)
+        step = steps.make_train_step(graphdef, tx, config, mesh=mesh)
         for batch in _batches(config):
             state, metrics = step(state, parallel.to_global(batch, mesh), key)
             losses.append(float(metrics["loss"]))
@@ -109,7 +109,7 @@ def _compiled_mesh_step(batch_size: int, accum_steps: int, n_devices: int = 8) -
     tx = steps.make_optimizer(config, total_steps=10)
     graphdef, state = steps.init_state(config, steps.model_config(config, VOCAB), tx, mesh)
     batch = parallel.to_global(np.zeros((batch_size, config.seq_len + 1), np.int32), mesh)
-    step = steps.make_train_step(graphdef, tx, config)
+    step = steps.make_train_step(graphdef, tx, config, mesh=mesh)
     return step.lower(state, batch, jax.random.key(0)).compile().as_text()
 
 

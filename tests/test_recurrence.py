@@ -1,5 +1,5 @@
-"""The LSTM recurrence: both scans against a float64 NumPy BPTT (outputs and every gradient, in
-float32 and in bfloat16), the hand-written backward pass against jax.grad of the plain scan alone,
+"""The LSTM recurrence: both scans and the native CPU kernel against a float64 NumPy BPTT (outputs
+and every gradient, in float32 and in bfloat16), the hand-written backward pass against jax.grad of the plain scan alone,
 stacked, unrolled and under jit, forward mode refused, and data-parallel over two CPU devices
 (GSPMD mesh, shard_map and pmap with gradient all-reduces; run in a subprocess that has two host
 devices).
@@ -23,10 +23,13 @@ import numpy as np
 import pytest
 
 from asserts import assert_trees_close
-from lstm_jax import recurrence
+from lstm_jax import native, recurrence
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCANS = {"autodiff": recurrence.lstm_scan, "custom": recurrence.lstm_scan_custom_vjp}
+SCANS = {"autodiff": recurrence.lstm_scan, "custom": recurrence.lstm_scan_custom_vjp,
+         "native": native.lstm_native}
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(
+    not native.available()[0], reason=f"native kernel: {native.available()[1]}"))
 
 
 def _inputs(key, T, B, H, scale=1.0):
@@ -111,15 +114,38 @@ CASES = [  # T, B, H, seed, scale, atol: 3x the max |error| observed over both s
 ]
 
 
-@pytest.mark.parametrize("backward", ["autodiff", "custom"])
+@pytest.mark.parametrize("backward", ["autodiff", "custom", NATIVE])
 @pytest.mark.parametrize("T,B,H,seed,scale,atol", CASES)
 def test_scan_matches_numpy_bptt(backward, T, B, H, seed, scale, atol):
-    """Both scans, forward (h_T, c_T, every h_t) and the gradients w.r.t. xproj, W_hh, h_0 and c_0
+    """Both scans and the native kernel, forward (h_T, c_T, every h_t) and the gradients w.r.t. xproj, W_hh, h_0 and c_0
     (loss touching every output), equal the float64 NumPy reference from a non-zero initial carry.
     Fails if a gate is misplaced, the initial carry is ignored, the backward loop is off by one
     step, or d h_0 / d c_0 / dW_hh is dropped or transposed."""
     args, weights = _inputs(jax.random.key(seed), T, B, H, scale)
     got = _run(SCANS[backward], args, weights, jnp.float32)
+    assert_trees_close(got, _f32(_named(*numpy_lstm(args, weights))), atol=atol)
+
+
+NATIVE_CASES = [  # T, B, H, threads, atol: 3x the max |error| observed; each a path of the kernel
+    (1, 1, 16, 1, 3e-7),      # T=1, one row: the AVX-512 path's smallest tile; observed 6e-8
+    (3, 13, 64, 1, 1.5e-6),   # 4 vectors per backward panel, rows 12 + 1; observed 4.8e-7
+    (7, 7, 48, 2, 1.5e-6),    # 1 vector per backward panel, 2 threads; observed 4.8e-7
+    (5, 20, 32, 2, 1.5e-6),   # 2 vectors per backward panel, rows 12 + 8, 2 threads; observed 4.8e-7
+    (120, 3, 16, 1, 6e-6),    # long T: the carries run through 120 steps; observed 1.9e-6
+    (4, 5, 20, 1, 1.5e-6),    # hidden not a multiple of 16: sgemm per step; observed 4.8e-7
+]
+
+
+@pytest.mark.skipif(not native.available()[0], reason=f"native kernel: {native.available()[1]}")
+@pytest.mark.parametrize("T,B,H,threads,atol", NATIVE_CASES)
+def test_native_kernel_paths_match_numpy_bptt(T, B, H, threads, atol, monkeypatch):
+    """Every code path of lstm_cpu.cc (panel widths, row-block remainders, threads, the sgemm
+    fallback) gives the float64 NumPy BPTT's outputs and gradients from a non-zero carry. Fails
+    if a panel maps units to the wrong gate columns, a row remainder is dropped, threads race on
+    a timestep, or the t = -1 pass that writes d h_0 is skipped."""
+    monkeypatch.setattr(native, "_THREADS", threads)
+    args, weights = _inputs(jax.random.key(T * 1000 + H), T, B, H)
+    got = _run(native.lstm_native, args, weights, jnp.float32)
     assert_trees_close(got, _f32(_named(*numpy_lstm(args, weights))), atol=atol)
 
 
@@ -172,6 +198,27 @@ def test_bfloat16_compute_dtype():
 
     autodiff_out = recurrence.lstm_scan(*args[:2], args[2:], jnp.bfloat16)
     assert_trees_close(autodiff_out, _f32((carry, hs)), atol=3.3e-7)   # observed 1.1e-7
+
+
+@pytest.mark.skipif(not native.has_bf16(), reason="native kernel without AVX512-BF16")
+def test_native_bfloat16_rounds_exactly_the_matmul_operands():
+    """The native kernel in bfloat16: the recurrent matmuls (forward h @ W, backward dz @ W^T) run
+    on bfloat16 operands in the kernel (AVX512-BF16 dot products, float32 accumulation), the
+    weight-gradient GEMM in bfloat16 in XLA, gate math and carries in float32.
+
+    Every output and gradient is near the NumPy BPTT that rounds exactly those operands (relative
+    error observed <= 1.6e-4 over three shapes, bound 5e-4: now and then float32 and float64 round
+    an operand to neighbouring bfloat16 values, and in the backward pass such a flip spreads) and
+    at least 5e-4 away from the unrounded BPTT (observed >= 5.9e-4): it did not silently run
+    float32, not in the forward (every h_t) nor in the kernel's backward (d h_0). Fails if the
+    kernel ignores the bf16 attribute, or rounds a carry or the gate math."""
+    args, weights = _inputs(jax.random.key(4), 8, 20, 32)
+    got = _run(native.lstm_native, args, weights, jnp.bfloat16)
+    rounded = _f32(_named(*numpy_lstm(args, weights, _bf16_rounding)))
+    unrounded = _f32(_named(*numpy_lstm(args, weights)))
+    for name in rounded:
+        rel = lambda ref: np.linalg.norm(np.asarray(got[name]) - ref[name]) / np.linalg.norm(ref[name])  # noqa: E731
+        assert rel(rounded) < 5e-4 < rel(unrounded), (name, rel(rounded), rel(unrounded))
 
 
 def test_forward_mode_is_unsupported_with_a_clear_error():

@@ -287,12 +287,14 @@ def backend_name(backward: str, hidden_size: int, dtype, platform: str, devices:
         n = native.threads_per_call(devices)
         return (f"native ({kind}, {jnp.dtype(dtype).name}, {n} thread{'s' if n > 1 else ''}"
                 f"/device)")
-    if backward in ("native", "auto"):
-        if platform == "cpu" and backward == "native":
-            from lstm_jax import native
-            return f"custom scan (native unavailable: {native.available()[1] or 'unsupported'})"
-        return "custom scan"
-    return "custom scan" if backward == "custom" else "autodiff scan"
+    if backward in ("native", "auto") and platform == "cpu":
+        from lstm_jax import native
+        ok, why = native.available()
+        if not ok:   # the one line that says why the kernel does not run here
+            return f"custom scan (native unavailable: {why})"
+        if backward == "native":
+            return f"custom scan (native does not run {jnp.dtype(dtype).name} at hidden {hidden_size})"
+    return "autodiff scan" if backward == "autodiff" else "custom scan"
 
 
 def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry,

@@ -158,7 +158,7 @@ def test_without_the_kernel_one_line_says_why_and_the_scan_trains(tmp_path):
     env = {"LSTM_JAX_NATIVE": "0"}
     proc, _ = _cli(tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "recurrence: custom scan" in proc.stdout
+    assert "recurrence: custom scan (native unavailable: disabled by LSTM_JAX_NATIVE=0)" in proc.stdout
     proc, workdir = _cli(tmp_path, "--config.model.backward=native", "--workdir",
                          str(tmp_path / "refused"), env=env)
     assert proc.returncode == 1

@@ -75,7 +75,9 @@ def _build(compiler: str) -> pathlib.Path:
              "-fopenmp", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              timeout=60).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, jaxlib.__version__, *flags,
+    # Keyed by what the build depends on; the include path (a venv's site-packages) is not, so a
+    # new virtualenv with the same jaxlib reuses the build.
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, jaxlib.__version__, *flags[:-1],
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     out = _cache_dir() / key / "liblstm_jax_cpu.so"
     if out.exists():

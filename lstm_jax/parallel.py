@@ -148,7 +148,7 @@ def traced_on(fn: Callable, mesh: Optional[Mesh]) -> Callable:
     """`fn` traced with `mesh` as the abstract mesh, so code inside it that maps itself over the
     mesh's devices (the native recurrence's `shard_map`: each device's rows, no collectives) sees
     it; `fn` itself without a mesh. Wrap before `jax.jit`."""
-    if mesh is None or mesh.devices.size == 1:
+    if mesh is None:
         return fn
 
     @functools.wraps(fn)

@@ -129,6 +129,24 @@ def test_cpu_lowering_runs_the_kernel_and_gpu_tpu_lowering_the_scan():
         assert not any(k in text for k in KERNELS) and "stablehlo.while" in text, platform
 
 
+@needs_native
+@pytest.mark.parametrize("n_devices", [1, 2])
+def test_the_kernel_threads_are_the_cores_over_the_mesh_devices(n_devices):
+    """Each kernel call gets cores // (the mesh's devices) threads, whatever the process's device
+    count (8 here): a 1-device mesh uses every core, as the start-up line says. Fails if a
+    1-device mesh is traced without it (the calls then split the cores over all 8 devices)."""
+    from lstm_jax import hostenv
+    config = tiny_config(**{"model.backward": "native"})
+    mesh = parallel.make_mesh(jax.devices()[:n_devices])
+    tx = steps_lib.make_optimizer(config, 100)
+    graphdef, state = steps_lib.init_state(config, steps_lib.model_config(config, 20), tx, mesh)
+    text = steps_lib.make_train_step(graphdef, tx, config, steps_per_epoch=10, mesh=mesh).trace(
+        state, jnp.zeros((config.batch_size, config.seq_len + 1), jnp.int32),
+        jax.random.key(0)).lower(lowering_platforms=("cpu",)).as_text()
+    threads = set(re.findall(r"threads = (\d+) : i32", text))
+    assert threads == {str(max(1, hostenv.cpu_count() // n_devices))}, threads
+
+
 def _cli(tmp_path, *args, env=None):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)

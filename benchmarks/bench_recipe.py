@@ -1,17 +1,22 @@
-"""configs/recipe.py on three corpora, stateless (sequence) vs stateful (stream): whole-text
-val_text_bpc against training minutes, into benchmarks/results/recipe_cpu.json and .png.
+"""Quality per minute: configs/recipe.py against the previous fixed recipe, each run budgeted in
+wall time, on three corpora; into benchmarks/results/recipe_cpu.json and .png.
 
-    python benchmarks/bench_recipe.py --root /tmp/recipe run       # 6 runs of --minutes each
-    python benchmarks/bench_recipe.py --root /tmp/recipe summary   # JSON + PNG from the workdirs
+    python benchmarks/bench_recipe.py --root /tmp/recipe run --minutes 5,10   # runs, then summary
+    python benchmarks/bench_recipe.py --root /tmp/recipe summary              # JSON + PNG only
+
+Every point is its own run: `lstm-jax train --config configs/recipe.py --config.time_budget_s=
+60*minutes` (the budget is the run's wall time, evaluations and checkpoints included), so each
+learning-rate schedule is sized to its budget. `recipe` is the config as shipped (the hidden size,
+dropout and dtype chosen by lstm_jax.recipe; its start-up line is kept in the run's log);
+`previous` pins the fixed choices of the recipe before it (LSTM(512), dropout 0.25, float32).
+The figure is the whole held-out text's loss in nats/char (val_text_loss: state carried across
+the text) at the last step, and at the kept best checkpoint.
 
 Corpora: the built-in pydoc text, Nietzsche (lowercased, as the Keras reference), and the Python
 standard library's own source (every .py file under sysconfig's stdlib path outside
 site-packages and test folders, joined into one file under --root: ~12 MB, 222 distinct chars).
-Each run is `lstm-jax train --config configs/recipe.py` with `time_budget_s = minutes * 60`; the
-curve is the run's own evaluations (every 250 steps), so the points before the end come from a
-schedule sized for the whole budget (an anytime curve, not separate shorter runs). The baseline
-for the Nietzsche target is configs/nietzsche.py under the same budget. Run it alone on the
-machine (flock -x /tmp/lstm_jax_cpu.lock).
+A run whose workdir already holds a finished run is skipped (--redo to run it again). Run it
+alone on the machine (flock -x /tmp/lstm_jax_cpu.lock).
 """
 from __future__ import annotations
 
@@ -22,12 +27,16 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CORPORA = ("builtin", "nietzsche", "stdlib")
-OBJECTIVES = ("sequence", "stream")
-MARKS_MIN = (1, 2, 5, 10, 20)
+RECIPES = ("recipe", "previous")
+PREVIOUS = ["--config.model.hidden_size=512", "--config.model.dropout=0.25",
+            "--config.model.dtype=float32"]
+TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",
+          "stdlib": "stdlib source (12 MB)"}
 
 
 def stdlib_corpus(root: pathlib.Path) -> pathlib.Path:
@@ -43,64 +52,91 @@ def stdlib_corpus(root: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def runs(root: pathlib.Path, minutes: float) -> list[tuple[str, list[str]]]:
-    """(workdir name, lstm-jax train arguments) of every run."""
+def name_of(corpus: str, recipe: str, minutes: float) -> str:
+    return f"{corpus}_{recipe}_{minutes:g}min"
+
+
+def arguments(root: pathlib.Path, corpus: str, recipe: str, minutes: float) -> list[str]:
     source = {"builtin": ["--config.corpus=builtin"],
               "nietzsche": ["--config.corpus=nietzsche", "--config.lowercase=True"],
-              "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}
-    budget = f"--config.time_budget_s={minutes * 60:g}"
-    out = [(f"{c}_{o}", ["--config", str(ROOT / "configs" / "recipe.py"), *source[c],
-                         f"--config.objective={o}", budget])
-           for c in CORPORA for o in OBJECTIVES]
-    out.append(("nietzsche_baseline", ["--config", str(ROOT / "configs" / "nietzsche.py"), budget,
-                                       "--config.num_epochs=1000", "--config.sample.every_epochs=0",
-                                       "--config.checkpoint.every_steps=0"]))
-    return out
+              "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}[corpus]
+    return ["--config", str(ROOT / "configs" / "recipe.py"), *source,
+            f"--config.time_budget_s={minutes * 60:g}", *(PREVIOUS if recipe == "previous" else [])]
 
 
-def run(root: pathlib.Path, minutes: float, only: list[str]) -> None:
-    for name, args in runs(root, minutes):
-        if only and name not in only:
-            continue
-        workdir = root / name
-        cmd = [sys.executable, "-m", "lstm_jax.cli", "train", *args, "--workdir", str(workdir),
-               "--new_run", "--noprogress"]
-        print(" ".join(cmd), flush=True)
-        with open(root / f"{name}.log", "w") as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, env=os.environ)
+def finished(workdir: pathlib.Path) -> bool:
+    path = workdir / "metrics.jsonl"
+    return path.exists() and any('"val_text_loss"' in line and '"val_chars"' in line
+                                 for line in path.read_text().splitlines()[-3:])
 
 
-def curve(workdir: pathlib.Path) -> dict:
-    """Evaluations (train_s, val_text_bpc) and the median training rate of one run."""
+def run(root: pathlib.Path, minutes: list[float], corpora: list[str], recipes: list[str],
+        redo: bool) -> None:
+    for m in minutes:
+        for corpus in corpora:
+            for recipe in recipes:
+                name = name_of(corpus, recipe, m)
+                workdir = root / name
+                if finished(workdir) and not redo:
+                    print(f"{name}: done already", flush=True)
+                    continue
+                cmd = [sys.executable, "-m", "lstm_jax.cli", "train",
+                       *arguments(root, corpus, recipe, m), "--workdir", str(workdir),
+                       "--new_run", "--noprogress"]
+                print(" ".join(cmd), flush=True)
+                start = time.perf_counter()
+                with open(root / f"{name}.log", "w") as log:
+                    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False,
+                                   env=os.environ)
+                (workdir / "process_wall_s.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+                print(f"{name}: {result(workdir)}", flush=True)
+
+
+def result(workdir: pathlib.Path) -> dict:
+    """One run: the whole-text loss at the end and at the kept best, wall time and its parts."""
     events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    evals = [e for e in events if "val_text_bpc" in e]
-    rates = sorted(e["chars_per_s"] for e in events if "chars_per_s" in e)
     config = json.loads((workdir / "config.json").read_text())
-    at = {}
-    for m in MARKS_MIN:   # the last evaluation within m minutes of training, if the run got there
-        within = [e for e in evals if e["train_s"] <= m * 60 * 1.03]
-        if within and evals[-1]["train_s"] >= m * 60 * 0.97:
-            at[str(m)] = round(within[-1]["val_text_bpc"], 4)
-    best = min(evals, key=lambda e: e["val_text_bpc"])
-    return {"points": [[round(e["train_s"], 1), round(e["val_text_bpc"], 4)] for e in evals],
-            "at_minutes": at, "final": round(evals[-1]["val_text_bpc"], 4),
-            "best": round(best["val_text_bpc"], 4), "best_at_s": round(best["train_s"], 1),
-            "steps": evals[-1]["step"], "epochs": round(evals[-1]["epoch"], 2),
-            "chars_per_s_median": rates[len(rates) // 2] if rates else None,
-            "objective": config["objective"], "hidden": config["model"]["hidden_size"],
-            "dropout": config["model"]["dropout"], "time_budget_s": config["time_budget_s"]}
+    evals = [e for e in events if "val_text_loss" in e and "val_chars" in e]
+    final = evals[-1]
+    best = next((e for e in reversed(events) if "best_val_text_loss" in e), None)
+    last = events[-1]
+    side = {k: round(sum(e.get(k, 0) for e in events), 2) for k in ("eval_s", "checkpoint_s")}
+    rates = sorted(e["chars_per_s"] for e in events if "chars_per_s" in e)
+    wall = workdir / "process_wall_s.txt"
+    model = config["model"]
+    return {
+        "final_val_text_loss": round(final["val_text_loss"], 4),
+        "best_val_text_loss": round(min(final["val_text_loss"], best["best_val_text_loss"])
+                                    if best else final["val_text_loss"], 4),
+        "best_step": best["best_step"] if best else final["step"],
+        "steps": final["step"], "epochs": round(final["epoch"], 2),
+        "elapsed_s": last["elapsed_s"], "train_s": last["train_s"],
+        "side_share": round(1 - last["train_s"] / last["elapsed_s"], 3),
+        "process_wall_s": float(wall.read_text()) if wall.exists() else None,
+        **side,
+        "chars_per_s_median": rates[len(rates) // 2] if rates else None,
+        "hidden": model["hidden_size"], "dropout": model["dropout"], "dtype": model["dtype"],
+        "time_budget_s": config["time_budget_s"],
+        "anytime": [[e["elapsed_s"], round(e["val_text_loss"], 4), e["val_chars"]] for e in evals],
+    }
 
 
 def summary(root: pathlib.Path) -> dict:
-    record = {"command": "benchmarks/bench_recipe.py", "runs": {}}
-    for name, _ in runs(root, 0):
-        if (root / name / "metrics.jsonl").exists():
-            record["runs"][name] = curve(root / name)
+    record = {"command": "python benchmarks/bench_recipe.py run --minutes ...",
+              "metric": "val_text_loss: nats/char over the whole held-out text (last 5%), state "
+                        "carried; final = last step, best = the kept best checkpoint",
+              "host": f"{os.cpu_count()} cores, {os.uname().machine}", "runs": {}}
+    for workdir in sorted(root.iterdir()):
+        if workdir.is_dir() and finished(workdir) and workdir.name.count("_") >= 2:
+            record["runs"][workdir.name] = result(workdir)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recipe_cpu.json").write_text(json.dumps(record, indent=1))
     plot(record, RESULTS / "recipe_cpu.png")
+    print(f"{'run':28s} {'final':>7s} {'best':>7s} {'wall s':>7s} {'side':>6s} {'chars/s':>8s}  chosen")
     for name, r in record["runs"].items():
-        print(f"{name:22s} final {r['final']:.3f} best {r['best']:.3f} @ {r['best_at_s']:.0f}s "
-              f"at min {r['at_minutes']} chars/s {r['chars_per_s_median']:,.0f}")
+        print(f"{name:28s} {r['final_val_text_loss']:7.4f} {r['best_val_text_loss']:7.4f} "
+              f"{r['elapsed_s']:7.1f} {r['side_share']:6.1%} {r['chars_per_s_median']:8,.0f}  "
+              f"H{r['hidden']} d{r['dropout']:g} {r['dtype']}")
     return record
 
 
@@ -110,19 +146,19 @@ def plot(record: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(CORPORA), figsize=(12, 3.8))
     for ax, corpus in zip(axes, CORPORA):
-        for name, r in record["runs"].items():
-            if not name.startswith(corpus):
-                continue
-            t, bpc = zip(*r["points"])
-            label = name[len(corpus) + 1:]
-            label = "configs/nietzsche.py" if label == "baseline" else f"recipe, {label}"
-            ax.plot([s / 60 for s in t], bpc, marker=".", label=label)
-        ax.set_title({"builtin": "pydoc (builtin)", "nietzsche": "Nietzsche",
-                      "stdlib": "stdlib source (12 MB)"}[corpus], fontsize=9)
-        ax.set_xlabel("training minutes (2-core CPU)")
+        for recipe, style in zip(RECIPES, ("o-", "s--")):
+            points = sorted((r["time_budget_s"] / 60, r["final_val_text_loss"])
+                            for name, r in record["runs"].items()
+                            if name.startswith(f"{corpus}_{recipe}_"))
+            if points:
+                label = "configs/recipe.py" if recipe == "recipe" else \
+                    "previous recipe (LSTM(512), dropout 0.25, f32)"
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_title(TITLES[corpus], fontsize=9)
+        ax.set_xlabel("wall-clock budget, minutes (2-core CPU)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("whole-text val_text_bpc")
+    axes[0].set_ylabel("held-out loss at the end, nats/char")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -132,13 +168,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("what", choices=("run", "summary"))
     ap.add_argument("--root", default="/tmp/lstm_jax_recipe", help="workdirs and the stdlib file")
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--only", default="", help="comma list of run names (default: all)")
+    ap.add_argument("--minutes", default="2,5,10,15", help="comma list of budgets, one run each")
+    ap.add_argument("--corpora", default=",".join(CORPORA))
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--redo", action="store_true", help="run again runs that finished")
     args = ap.parse_args(argv)
     root = pathlib.Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if args.what == "run":
-        run(root, args.minutes, [n for n in args.only.split(",") if n])
+        run(root, [float(m) for m in args.minutes.split(",")], args.corpora.split(","),
+            args.recipes.split(","), args.redo)
     summary(root)
     return 0
 

@@ -1,26 +1,21 @@
-"""The recipe: a good character model of any corpus in a fixed training time.
+"""The recipe: a good character model of any corpus in a fixed wall time.
 
 Command:  lstm-jax train --config configs/recipe.py --config.corpus=PATH_OR_NAME \
               --config.time_budget_s=600 --workdir runs/mine
 
-What it picks, and why (measured on Nietzsche, pydoc and the standard library's source:
-benchmarks/README.md, "Recipe"):
-- LSTM(512), one layer, dropout 0.25 on its output (before the softmax head): at 10 minutes on a 2-core
-  CPU, LSTM(256) without dropout (configs/nietzsche.py) overfits a 600k-char corpus after about
-  2 minutes, and its whole-text val_bpc then climbs;
-- the sequence objective (loss at every position) over shuffled 100-char chunks, batch 32: the
-  stateful `stream` objective carries the state across steps but ends worse at the same time;
-- RMSprop 0.01 with clipping 5 and a cosine decay whose horizon is the number of steps that fit
-  the budget (`time_budget_s`: measured once after warm-up, saved with the run);
-- the checkpoint kept as best is the one with the lowest whole-text val_text_bpc, which is what
-  `sample` and `eval --step` should use when the run ends past its best point.
+Fixed here: one LSTM layer; the sequence objective (loss at every position) over shuffled
+100-char chunks, batch 32; RMSprop 0.01 with clipping 5 and a cosine decay whose horizon is the
+number of steps that fit the budget (`time_budget_s`, the run's wall time, evaluations included:
+measured once after warm-up, saved with the run); the kept best checkpoint is the one with the
+lowest whole-text val_text_bpc, which `sample` and `eval --step` should use when the run ends past
+its best point.
 
-Change `time_budget_s` for your machine and patience; the run length follows it.
-
-Measured here (2-core CPU, time_budget_s=600, whole-text val_text_bpc at the end): Nietzsche
-1.853 (configs/nietzsche.py under the same budget: 2.185), pydoc (builtin) 1.428, the standard
-library's source (12 MB) 1.849; with objective=stream 1.927, 1.464 and 1.902. Below ~4 minutes of
-training configs/nietzsche.py's smaller model is ahead.
+Chosen per run from the corpus size, the budget and the host (lstm_jax.recipe; the start-up line
+says what and why): the hidden size (512, or 256 for budgets too short to train it), the dropout
+before the head (none for a corpus read about once, up to 0.5 for one read ten times or more) and
+the matmul dtype (bfloat16 on CPUs with AVX512-BF16). Set any of them on the command line to
+override. The measurements behind the rule, against the previous fixed recipe (LSTM(512),
+dropout 0.25, float32): benchmarks/README.md, "Recipe".
 """
 from lstm_jax.config import get_config as _base
 
@@ -30,15 +25,16 @@ def get_config():
     c.objective = "sequence"
     c.seq_len = 100
     c.batch_size = 32
-    c.model.hidden_size = 512
+    c.model.hidden_size = 0      # the recipe chooses (lstm_jax.recipe)
     c.model.num_layers = 1
-    c.model.dropout = 0.25
+    c.model.dropout = -1.0       # the recipe chooses
+    c.model.dtype = "auto"       # the recipe chooses
     c.optimizer.learning_rate = 0.01
     c.optimizer.clip_norm = 5.0
     c.optimizer.schedule = "cosine"
     c.time_budget_s = 600.0
     c.num_epochs = 1000          # an upper bound; the time budget decides the length
-    c.eval_every = 250           # whole-text val_text_bpc every 250 steps (~45 s here)
+    c.eval_every = 250           # on a fixed held-out subset (~5% of the budget), whole at the end
     c.eval_max_windows = 4096
     c.checkpoint.every_steps = 1000
     c.checkpoint.best_metric = "val_text_bpc"

@@ -50,11 +50,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1         # micro-batches per update, for global batches that do not fit
     # --- model ----------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
-    c.model.hidden_size = 256      # LSTM units per layer
+    c.model.hidden_size = 256      # LSTM units per layer (0: the recipe chooses, lstm_jax.recipe)
     c.model.num_layers = 1         # stacked LSTM layers
-    c.model.dropout = 0.0          # dropout between layers and before the head (training only)
+    c.model.dropout = 0.0          # dropout between layers and before the head (training only;
+                                   # -1: the recipe chooses)
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
-    c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays f32)
+    c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays
+                                   # f32) | auto (the recipe chooses)
     c.model.param_dtype = "float32"   # parameter (and optimizer state) dtype
     c.model.backward = "auto"      # auto (the native CPU kernel where it runs and measured faster,
                                    # else custom) | native | custom (hand BPTT in JAX) | autodiff
@@ -195,6 +197,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "sample.length"]
     for name in positive:
         value = _get(config, name)
+        if name == "model.hidden_size" and value == 0:
+            continue   # the recipe chooses it (lstm_jax.recipe)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if config.per_device_batch_size < 0 or (config.per_device_batch_size == 0 and config.batch_size <= 0):
@@ -247,11 +251,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"fraction of learning_rate), got {config.optimizer.final_lr_fraction!r}")
     if config.optimizer.warmup_steps < 0:
         raise ValueError(f"optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps!r}")
-    for name in ("model.dtype", "model.param_dtype"):
-        if _get(config, name) not in ("float32", "bfloat16"):
-            raise ValueError(f"{name} must be 'float32' or 'bfloat16', got {_get(config, name)!r}")
-    if not 0.0 <= config.model.dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {config.model.dropout!r}")
+    if config.model.dtype not in ("float32", "bfloat16", "auto"):
+        raise ValueError(f"model.dtype must be 'float32', 'bfloat16' or 'auto' (the recipe "
+                         f"chooses), got {config.model.dtype!r}")
+    if config.model.param_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.param_dtype must be 'float32' or 'bfloat16', got "
+                         f"{config.model.param_dtype!r}")
+    if not (0.0 <= config.model.dropout < 1.0 or config.model.dropout == -1):
+        raise ValueError(f"model.dropout must be in [0, 1), or -1 for the recipe to choose, got "
+                         f"{config.model.dropout!r}")
     if config.checkpoint.max_to_keep < 1:
         raise ValueError(f"checkpoint.max_to_keep must be >= 1, got {config.checkpoint.max_to_keep!r}")
     if not isinstance(config.sample.prime, str):

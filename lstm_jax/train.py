@@ -24,7 +24,7 @@ from flax import nnx
 
 from lstm_jax import checkpoint as ckpt
 from lstm_jax import config as config_lib
-from lstm_jax import data, evaluate, flops, parallel, periodic, recurrence, steps
+from lstm_jax import data, evaluate, flops, parallel, periodic, recipe, recurrence, steps
 from lstm_jax import workdir as workdir_lib
 from lstm_jax.model import CharLSTM, ModelConfig
 from lstm_jax.periodic import say
@@ -78,6 +78,9 @@ class Plan:
 
 
 def plan_run(config: ml_collections.ConfigDict, corpus: Optional[data.Corpus] = None) -> Plan:
+    if recipe.is_auto(config):
+        raise ValueError("model.hidden_size=0, model.dropout=-1 or model.dtype='auto' are the "
+                         "recipe's to choose: pass the config through recipe.apply first")
     corpus = corpus if corpus is not None else data.load_corpus(config)
     n_dev = config.parallel.num_devices
     mesh = parallel.make_mesh(parallel.first_devices(n_dev) if n_dev else None)
@@ -119,6 +122,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     `corpus`: `data.load_corpus(config)` if already loaded (the CLI loads it before JAX starts,
     so the CPU device rule can see the vocabulary size)."""
     config_lib.validate(config)
+    corpus = corpus if corpus is not None else data.load_corpus(config)
+    config, chosen = recipe.apply(config, corpus, workdir, new_run)
+    if chosen:
+        say(chosen)
     plan = plan_run(config, corpus)
     workdir = pathlib.Path(workdir)
     with _claimed(workdir, new_run):

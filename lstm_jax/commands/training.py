@@ -37,11 +37,16 @@ def train(argv: Sequence[str]) -> int:
         raise SystemExit(f"lstm-jax train: sample.prime {config.sample.prime!r} has characters "
                          f"outside the corpus's vocabulary: {''.join(missing)!r}; choose a prime "
                          f"made of the corpus's characters (or '' for a held-out window)")
+    from lstm_jax import recipe
+    config, chosen = common.friendly(lambda: recipe.apply(config, corpus, workdir, fv["new_run"].value),
+                                     fv["debug"].value)
     host = common.host_setup(config, vocab_size=len(corpus.vocab))
     import jax
     signals.stop_if_signalled()
     if jax.process_index() == 0:
         print(host.summary())
+        if chosen:
+            print(chosen)
         if note := host.confirm(jax.default_backend()):
             print(note)
     result = common.friendly(lambda: train_lib.train_and_evaluate(

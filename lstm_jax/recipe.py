@@ -1,0 +1,143 @@
+"""The recipe's choices that depend on the corpus, the time budget and the host.
+
+`configs/recipe.py` leaves three fields to this module: `model.hidden_size = 0`,
+`model.dropout = -1` and `model.dtype = "auto"`. `resolve(config, train_chars)` fills the ones
+still at those values (a value set on the command line wins) before anything is built, and says
+what it chose and why in one line. The rule, from the measured quality-per-minute runs
+(benchmarks/README.md, "Recipe"):
+
+- how many characters the budget trains is estimated from the model's FLOPs per character and a
+  rate for the host (CPU: cores x a per-core rate by instruction set; accelerators: effectively
+  unbounded); `epochs` is that over the training split;
+- dtype: bfloat16 on CPUs with AVX512-BF16 (the same loss as float32 over two Nietzsche epochs,
+  more characters per second), float32 elsewhere;
+- hidden size: 512, or 256 when the budget trains fewer than `SMALL_MODEL_CHARS` characters
+  at 512 (a short budget favours the smaller model);
+- dropout before the head: none for about one epoch, rising with log2(epochs) to 0.5 from about
+  ten (a small corpus read many times over overfits LSTM(512); a large one read once does not).
+
+A resumed run keeps the choices saved in its workdir's config.json, so changing the budget on
+resume does not change the model.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pathlib
+from typing import Optional
+
+import ml_collections
+
+from lstm_jax import hostenv
+
+AUTO_HIDDEN, AUTO_DROPOUT, AUTO_DTYPE = 0, -1.0, "auto"
+SMALL_MODEL_CHARS = 4e6      # below this many trained chars at hidden 512, hidden 256
+TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
+# Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16 x1.2):
+# what the native kernel reaches at hidden 256-512 (benchmarks/results/train_cpu*.json).
+CPU_FLOPS_PER_CORE = {"avx512": 70e9, "avx2": 35e9, "other": 10e9}
+ACCELERATOR_FLOPS = 20e12
+
+
+def is_auto(config: ml_collections.ConfigDict) -> bool:
+    m = config.model
+    return m.hidden_size == AUTO_HIDDEN or m.dropout == AUTO_DROPOUT or m.dtype == AUTO_DTYPE
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
+              cores: Optional[int] = None) -> float:
+    """Estimated sustained training FLOP/s of this host (deterministic: a resumed run on the
+    same machine chooses the same)."""
+    if platform != "cpu":
+        return ACCELERATOR_FLOPS
+    flags = _cpu_flags() if flags is None else flags
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    rate = CPU_FLOPS_PER_CORE[isa] * (cores or hostenv.cpu_count())
+    return rate * (1.2 if dtype == "bfloat16" else 1.0)
+
+
+def choose_dtype(platform: str, flags: Optional[set[str]] = None) -> str:
+    flags = _cpu_flags() if flags is None else flags
+    return "bfloat16" if platform == "cpu" and "avx512_bf16" in flags else "float32"
+
+
+def trained_chars(hidden: int, vocab: int, layers: int, budget_s: float, rate: float) -> float:
+    """Characters a budget of `budget_s` trains at `rate` FLOP/s (forward + backward per char)."""
+    per_char = 3 * (2.0 * hidden * 4 * hidden * (2 * layers - 1) + 2.0 * hidden * vocab)
+    return TRAINING_SHARE * budget_s * rate / per_char
+
+
+def choose_dropout(epochs: float) -> float:
+    """0 up to about one epoch, 0.15 x log2(epochs) after, at most 0.5; rounded to 0.05."""
+    if epochs <= 1.0:
+        return 0.0
+    return round(min(0.5, 0.15 * math.log2(epochs)) * 20) / 20
+
+
+def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int, *,
+            platform: Optional[str] = None, saved: Optional[dict] = None,
+            flags: Optional[set[str]] = None, cores: Optional[int] = None) -> Optional[str]:
+    """Fills the auto fields of `config` in place; returns the one line that says what and why
+    (None when nothing was auto). `saved`: a resumed run's config.json, whose choices win."""
+    if not is_auto(config):
+        return None
+    m = config.model
+    if True:
+        if saved is not None:
+            model = saved.get("model", {})
+            for key, auto in (("hidden_size", AUTO_HIDDEN), ("dropout", AUTO_DROPOUT),
+                              ("dtype", AUTO_DTYPE)):
+                if m[key] == auto and key in model:
+                    m[key] = model[key]
+            if not is_auto(config):
+                return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}, as "
+                        f"chosen when this run started")
+        platform = platform or hostenv.guess_platform()
+        budget = config.time_budget_s
+        if not budget or budget <= 0:
+            raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
+                             "'auto') chooses from the time budget; set time_budget_s, or set "
+                             "those fields yourself")
+        if m.dtype == AUTO_DTYPE:
+            m.dtype = choose_dtype(platform, flags)
+        rate = host_rate(platform, m.dtype, flags, cores)
+        chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in (256, 512)}
+        if m.hidden_size == AUTO_HIDDEN:
+            m.hidden_size = 512 if chars_at[512] >= SMALL_MODEL_CHARS else 256
+        chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
+                                                              m.num_layers, budget, rate)
+        epochs = chars / max(train_chars, 1)
+        if m.dropout == AUTO_DROPOUT:
+            m.dropout = choose_dropout(epochs)
+    where = f"{platform}, ~{rate / 1e9:,.0f} GFLOP/s" if platform == "cpu" else platform
+    return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}: {budget:g} s "
+            f"trains ~{chars / 1e6:,.1f}M chars here ({where}), ~{epochs:,.1f} epochs of "
+            f"{train_chars:,} training chars")
+
+
+
+def apply(config: ml_collections.ConfigDict, corpus, workdir=None,
+          new_run: bool = False) -> tuple[ml_collections.ConfigDict, Optional[str]]:
+    """`config` with its auto fields chosen for `corpus` (a data.Corpus) and the budget, and the
+    line that says so (the config itself and None when nothing is auto). A run resumed in
+    `workdir` keeps the choices in its config.json."""
+    if not is_auto(config):
+        return config, None
+    from lstm_jax import workdir as workdir_lib
+    config = copy.deepcopy(config)
+    saved = None
+    if workdir is not None and not new_run:
+        saved = workdir_lib.read_json(pathlib.Path(workdir) / "config.json")
+    line = resolve(config, len(corpus.train_tokens), len(corpus.vocab),
+                   saved=saved if isinstance(saved, dict) else None)
+    return config, line

@@ -1,0 +1,112 @@
+"""configs/recipe.py's choices (lstm_jax.recipe): what it picks from the corpus size, the budget and
+the host, that a value set by the user wins, that a resumed run keeps the choices it started
+with, and the one-line errors. The quality they buy is measured in benchmarks/bench_recipe.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from lstm_jax import config as config_lib
+from lstm_jax import recipe, train
+
+AVX512_BF16 = {"avx512f", "avx2", "avx512_bf16"}
+
+
+def _recipe_config(**overrides):
+    c = config_lib.load_config_file(str(REPO / "configs" / "recipe.py"))
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def _chosen(train_chars, budget_s, flags=AVX512_BF16, platform="cpu", vocab=65, **overrides):
+    c = _recipe_config(time_budget_s=budget_s, **overrides)
+    line = recipe.resolve(c, train_chars, vocab, platform=platform, flags=flags, cores=2)
+    return c.model.hidden_size, c.model.dropout, c.model.dtype, line
+
+
+def test_a_small_corpus_read_many_times_gets_the_big_model_with_dropout():
+    hidden, dropout, dtype, line = _chosen(1_000_000, 900)
+    assert (hidden, dropout, dtype) == (512, 0.5, "bfloat16")
+    assert line.startswith("recipe: hidden 512, dropout 0.5, bfloat16: 900 s trains ~") and \
+        "epochs of 1,000,000 training chars" in line
+
+
+def test_a_corpus_read_about_once_gets_no_dropout_and_a_short_budget_the_small_model():
+    assert _chosen(30_000_000, 600)[:2] == (512, 0.0)
+    assert _chosen(30_000_000, 60)[:2] == (256, 0.0)
+    # for one model, dropout grows with the epochs the budget reads: 0 -> 0.5, never down
+    drops = [_chosen(1_000_000, s, **{"model.hidden_size": 512})[1] for s in (20, 120, 300, 900)]
+    assert drops == sorted(drops) and drops[-1] == 0.5 and drops[0] == 0.0
+
+
+def test_bfloat16_only_where_the_cpu_has_it_and_accelerators_get_the_big_model():
+    assert _chosen(1_000_000, 600, flags={"avx512f"})[2] == "float32"
+    assert _chosen(1_000_000, 600, flags={"avx2"})[2] == "float32"
+    hidden, dropout, dtype, _ = _chosen(30_000_000, 60, platform="gpu")
+    assert (hidden, dtype) == (512, "float32") and dropout > 0
+
+
+def test_what_the_user_sets_wins():
+    hidden, dropout, dtype, line = _chosen(1_000_000, 600, **{"model.hidden_size": 1024,
+                                                              "model.dtype": "float32"})
+    assert (hidden, dtype) == (1024, "float32") and 0 < dropout <= 0.5
+    assert "hidden 1024" in line
+    c = _recipe_config(**{"model.hidden_size": 128, "model.dropout": 0.1, "model.dtype": "float32"})
+    assert recipe.resolve(c, 1000, 65) is None     # nothing left to choose: no line, no change
+
+
+def test_a_resumed_run_keeps_the_choices_it_started_with():
+    saved = {"model": {"hidden_size": 256, "dropout": 0.3, "dtype": "float32"}}
+    c = _recipe_config(time_budget_s=3600.0)          # a longer budget would choose otherwise
+    line = recipe.resolve(c, 1_000_000, 65, platform="cpu", flags=AVX512_BF16, saved=saved)
+    assert (c.model.hidden_size, c.model.dropout, c.model.dtype) == (256, 0.3, "float32")
+    assert "as chosen when this run started" in line
+
+
+def test_no_budget_and_unresolved_plans_are_refused_in_one_line():
+    c = _recipe_config(time_budget_s=0.0)
+    with pytest.raises(ValueError, match="set time_budget_s, or set those fields yourself"):
+        recipe.resolve(c, 1000, 65, platform="cpu", flags=AVX512_BF16)
+    with pytest.raises(ValueError, match="pass the config through recipe.apply first"):
+        train.plan_run(_recipe_config())
+    config_lib.validate(_recipe_config())            # the auto values are valid as such ...
+    with pytest.raises(ValueError, match=r"model.dropout must be in \[0, 1\), or -1"):
+        config_lib.validate(_recipe_config(**{"model.dropout": -0.5}))   # ... others are not
+    with pytest.raises(ValueError, match="model.dtype must be 'float32', 'bfloat16' or 'auto'"):
+        config_lib.validate(_recipe_config(**{"model.dtype": "float16"}))
+
+
+def test_the_cli_says_what_it_chose_saves_it_and_a_resume_with_another_budget_keeps_it(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "PJRT_NPROC": "", "JAX_PLATFORMS": "cpu"}
+
+    def train_for(budget):
+        cmd = [sys.executable, "-m", "lstm_jax.cli", "train", "--config",
+               str(REPO / "configs/recipe.py"), f"--config.corpus={corpus}",
+               f"--config.time_budget_s={budget}", "--config.batch_size=8", "--config.seq_len=20",
+               "--config.eval_every=0", "--config.sample.length=5", "--noprogress",
+               "--workdir", str(workdir)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+    first = train_for(4)
+    assert first.returncode == 0, first.stderr[-2000:]
+    line = [s for s in first.stdout.splitlines() if s.startswith("recipe: ")]
+    assert len(line) == 1 and "epochs of 17,100 training chars" in line[0], first.stdout
+    model = json.loads((workdir / "config.json").read_text())["model"]
+    assert model["hidden_size"] in (256, 512) and model["dropout"] == 0.5
+    second = train_for(9)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "as chosen when this run started" in second.stdout
+    assert json.loads((workdir / "config.json").read_text())["model"] == model

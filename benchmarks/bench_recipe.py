@@ -8,7 +8,9 @@ Every point is its own run: `lstm-jax train --config configs/recipe.py --config.
 60*minutes` (the budget is the run's wall time, evaluations and checkpoints included), so each
 learning-rate schedule is sized to its budget. `recipe` is the config as shipped (the hidden size,
 dropout and dtype chosen by lstm_jax.recipe; its start-up line is kept in the run's log);
-`previous` pins the fixed choices of the recipe before it (LSTM(512), dropout 0.25, float32).
+`previous` pins the fixed choices of the recipe before it (LSTM(512), dropout 0.25, float32);
+a name like `dropout0.25` or `hidden_size1024` is the recipe with that model field set (a search
+point beside the two).
 The figure is the whole held-out text's loss in nats/char (val_text_loss: state carried across
 the text) at the last step, and at the kept best checkpoint.
 
@@ -60,8 +62,12 @@ def arguments(root: pathlib.Path, corpus: str, recipe: str, minutes: float) -> l
     source = {"builtin": ["--config.corpus=builtin"],
               "nietzsche": ["--config.corpus=nietzsche", "--config.lowercase=True"],
               "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}[corpus]
+    variant = {"recipe": [], "previous": PREVIOUS}.get(recipe)
+    if variant is None:   # e.g. dropout0.25: the recipe with that field set (a search point)
+        field, value = recipe.rstrip("0123456789."), recipe.lstrip("abcdefghijklmnopqrstuvwxyz_")
+        variant = [f"--config.model.{field}={value}"]
     return ["--config", str(ROOT / "configs" / "recipe.py"), *source,
-            f"--config.time_budget_s={minutes * 60:g}", *(PREVIOUS if recipe == "previous" else [])]
+            f"--config.time_budget_s={minutes * 60:g}", *variant]
 
 
 def finished(workdir: pathlib.Path) -> bool:
@@ -127,7 +133,7 @@ def summary(root: pathlib.Path) -> dict:
                         "carried; final = last step, best = the kept best checkpoint",
               "host": f"{os.cpu_count()} cores, {os.uname().machine}", "runs": {}}
     for workdir in sorted(root.iterdir()):
-        if workdir.is_dir() and finished(workdir) and workdir.name.count("_") >= 2:
+        if workdir.is_dir() and finished(workdir) and workdir.name.endswith("min"):
             record["runs"][workdir.name] = result(workdir)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recipe_cpu.json").write_text(json.dumps(record, indent=1))

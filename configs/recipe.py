@@ -12,7 +12,8 @@ its best point.
 
 Chosen per run from the corpus size, the budget and the host (lstm_jax.recipe; the start-up line
 says what and why): the hidden size (512, or 256 for budgets too short to train it), the dropout
-before the head (none for a corpus read about once, up to 0.5 for one read ten times or more) and
+before the head (none for a corpus read about once, 0.25 for one read about twelve times, more
+beyond) and
 the matmul dtype (bfloat16 on CPUs with AVX512-BF16). Set any of them on the command line to
 override. The measurements behind the rule, against the previous fixed recipe (LSTM(512),
 dropout 0.25, float32): benchmarks/README.md, "Recipe".

@@ -13,8 +13,9 @@ what it chose and why in one line. The rule, from the measured quality-per-minut
   more characters per second), float32 elsewhere;
 - hidden size: 512, or 256 when the budget trains fewer than `SMALL_MODEL_CHARS` characters
   at 512 (a short budget favours the smaller model);
-- dropout before the head: none for about one epoch, rising with log2(epochs) to 0.5 from about
-  ten (a small corpus read many times over overfits LSTM(512); a large one read once does not).
+- dropout before the head: none for about one epoch, rising with log2(epochs) (0.25 at about
+  twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
+  large one read once does not, and too much dropout slows a short run down.
 
 A resumed run keeps the choices saved in its workdir's config.json, so changing the budget on
 resume does not change the model.
@@ -78,10 +79,11 @@ def trained_chars(hidden: int, vocab: int, layers: int, budget_s: float, rate: f
 
 
 def choose_dropout(epochs: float) -> float:
-    """0 up to about one epoch, 0.15 x log2(epochs) after, at most 0.5; rounded to 0.05."""
+    """0 up to about one epoch, 0.07 x log2(epochs) after (0.25 at ~12 epochs, 0.3 at ~24), at
+    most 0.5; rounded to 0.05. At ~12 epochs 0.25 beat 0.5 (benchmarks/README.md, "Recipe")."""
     if epochs <= 1.0:
         return 0.0
-    return round(min(0.5, 0.15 * math.log2(epochs)) * 20) / 20
+    return round(min(0.5, 0.07 * math.log2(epochs)) * 20) / 20
 
 
 def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int, *,

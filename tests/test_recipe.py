@@ -36,8 +36,8 @@ def _chosen(train_chars, budget_s, flags=AVX512_BF16, platform="cpu", vocab=65, 
 
 def test_a_small_corpus_read_many_times_gets_the_big_model_with_dropout():
     hidden, dropout, dtype, line = _chosen(1_000_000, 900)
-    assert (hidden, dropout, dtype) == (512, 0.5, "bfloat16")
-    assert line.startswith("recipe: hidden 512, dropout 0.5, bfloat16: 900 s trains ~") and \
+    assert (hidden, dropout, dtype) == (512, 0.3, "bfloat16")
+    assert line.startswith("recipe: hidden 512, dropout 0.3, bfloat16: 900 s trains ~") and \
         "epochs of 1,000,000 training chars" in line
 
 
@@ -45,7 +45,8 @@ def test_a_corpus_read_about_once_gets_no_dropout_and_a_short_budget_the_small_m
     assert _chosen(30_000_000, 600)[:2] == (512, 0.0)
     assert _chosen(30_000_000, 60)[:2] == (256, 0.0)
     # for one model, dropout grows with the epochs the budget reads: 0 -> 0.5, never down
-    drops = [_chosen(1_000_000, s, **{"model.hidden_size": 512})[1] for s in (20, 120, 300, 900)]
+    drops = [_chosen(1_000_000, s, **{"model.hidden_size": 512})[1]
+             for s in (20, 120, 300, 900, 90_000)]
     assert drops == sorted(drops) and drops[-1] == 0.5 and drops[0] == 0.0
 
 
@@ -105,7 +106,7 @@ def test_the_cli_says_what_it_chose_saves_it_and_a_resume_with_another_budget_ke
     line = [s for s in first.stdout.splitlines() if s.startswith("recipe: ")]
     assert len(line) == 1 and "epochs of 17,100 training chars" in line[0], first.stdout
     model = json.loads((workdir / "config.json").read_text())["model"]
-    assert model["hidden_size"] in (256, 512) and model["dropout"] == 0.5
+    assert model["hidden_size"] in (256, 512) and 0.25 <= model["dropout"] <= 0.5
     second = train_for(9)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "as chosen when this run started" in second.stdout

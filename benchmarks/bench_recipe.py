@@ -37,6 +37,13 @@ CORPORA = ("builtin", "nietzsche", "stdlib")
 RECIPES = ("recipe", "previous")
 PREVIOUS = ["--config.model.hidden_size=512", "--config.model.dropout=0.25",
             "--config.model.dtype=float32"]
+# What a reader of results/recipe_cpu.json needs to know about how its runs were made.
+NOTES = [
+    "The 5-minute builtin and Nietzsche 'recipe' runs ran as the search point dropout0.25 "
+    "(--config.model.dropout=0.25, hidden and dtype chosen by the recipe): after them the rule "
+    "was changed to choose 0.25 there, and their workdirs were renamed; the 'dropout0.5' runs "
+    "are what the first rule (0.15 x log2(epochs)) chose.",
+]
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",
           "stdlib": "stdlib source (12 MB)"}
 
@@ -131,7 +138,7 @@ def summary(root: pathlib.Path) -> dict:
     record = {"command": "python benchmarks/bench_recipe.py run --minutes ...",
               "metric": "val_text_loss: nats/char over the whole held-out text (last 5%), state "
                         "carried; final = last step, best = the kept best checkpoint",
-              "host": f"{os.cpu_count()} cores, {os.uname().machine}", "runs": {}}
+              "host": f"{os.cpu_count()} cores, {os.uname().machine}", "notes": NOTES, "runs": {}}
     for workdir in sorted(root.iterdir()):
         if workdir.is_dir() and finished(workdir) and workdir.name.endswith("min"):
             record["runs"][workdir.name] = result(workdir)

@@ -94,38 +94,36 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     if not is_auto(config):
         return None
     m = config.model
-    if True:
-        if saved is not None:
-            model = saved.get("model", {})
-            for key, auto in (("hidden_size", AUTO_HIDDEN), ("dropout", AUTO_DROPOUT),
-                              ("dtype", AUTO_DTYPE)):
-                if m[key] == auto and key in model:
-                    m[key] = model[key]
-            if not is_auto(config):
-                return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}, as "
-                        f"chosen when this run started")
-        platform = platform or hostenv.guess_platform()
-        budget = config.time_budget_s
-        if not budget or budget <= 0:
-            raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
-                             "'auto') chooses from the time budget; set time_budget_s, or set "
-                             "those fields yourself")
-        if m.dtype == AUTO_DTYPE:
-            m.dtype = choose_dtype(platform, flags)
-        rate = host_rate(platform, m.dtype, flags, cores)
-        chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in (256, 512)}
-        if m.hidden_size == AUTO_HIDDEN:
-            m.hidden_size = 512 if chars_at[512] >= SMALL_MODEL_CHARS else 256
-        chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
-                                                              m.num_layers, budget, rate)
-        epochs = chars / max(train_chars, 1)
-        if m.dropout == AUTO_DROPOUT:
-            m.dropout = choose_dropout(epochs)
+    if saved is not None:
+        model = saved.get("model", {})
+        for key, auto in (("hidden_size", AUTO_HIDDEN), ("dropout", AUTO_DROPOUT),
+                          ("dtype", AUTO_DTYPE)):
+            if m[key] == auto and key in model:
+                m[key] = model[key]
+        if not is_auto(config):
+            return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}, as "
+                    f"chosen when this run started")
+    platform = platform or hostenv.guess_platform()
+    budget = config.time_budget_s
+    if not budget or budget <= 0:
+        raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
+                         "'auto') chooses from the time budget; set time_budget_s, or set "
+                         "those fields yourself")
+    if m.dtype == AUTO_DTYPE:
+        m.dtype = choose_dtype(platform, flags)
+    rate = host_rate(platform, m.dtype, flags, cores)
+    chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in (256, 512)}
+    if m.hidden_size == AUTO_HIDDEN:
+        m.hidden_size = 512 if chars_at[512] >= SMALL_MODEL_CHARS else 256
+    chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
+                                                          m.num_layers, budget, rate)
+    epochs = chars / max(train_chars, 1)
+    if m.dropout == AUTO_DROPOUT:
+        m.dropout = choose_dropout(epochs)
     where = f"{platform}, ~{rate / 1e9:,.0f} GFLOP/s" if platform == "cpu" else platform
     return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}: {budget:g} s "
             f"trains ~{chars / 1e6:,.1f}M chars here ({where}), ~{epochs:,.1f} epochs of "
             f"{train_chars:,} training chars")
-
 
 
 def apply(config: ml_collections.ConfigDict, corpus, workdir=None,

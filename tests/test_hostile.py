@@ -51,7 +51,7 @@ def trained(tmp_path_factory, corpus):
     ("--config.optimizer.final_lr_fraction=-1", "optimizer.final_lr_fraction must be in [0, 1]"),
     ("--config.optimizer.final_lr_fraction=1.5", "optimizer.final_lr_fraction must be in [0, 1]"),
     ("--config.optimizer.warmup_steps=-5", "optimizer.warmup_steps must be >= 0"),
-    ("--config.model.dtype=float16", "model.dtype must be 'float32' or 'bfloat16'"),
+    ("--config.model.dtype=float16", "model.dtype must be 'float32', 'bfloat16' or 'auto'"),
     ("--config.model.param_dtype=int8", "model.param_dtype must be 'float32' or 'bfloat16'"),
     ("--config.model.dropout=1.0", "model.dropout must be in [0, 1)"),
     ("--config.checkpoint.max_to_keep=0", "checkpoint.max_to_keep must be >= 1"),

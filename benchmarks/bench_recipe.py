@@ -9,8 +9,8 @@ Every point is its own run: `lstm-jax train --config configs/recipe.py --config.
 learning-rate schedule is sized to its budget. `recipe` is the config as shipped (the hidden size,
 dropout and dtype chosen by lstm_jax.recipe; its start-up line is kept in the run's log);
 `previous` pins the fixed choices of the recipe before it (LSTM(512), dropout 0.25, float32);
-a name like `dropout0.25` or `hidden_size1024` is the recipe with that model field set (a search
-point beside the two).
+a name like `dropout0.25`, `hidden_size1024` or `weight_decay1e-4+num_layers2` is the recipe with
+those fields set (a search point beside the two).
 The figure is the whole held-out text's loss in nats/char (val_text_loss: state carried across
 the text) at the last step, and at the kept best checkpoint.
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import sysconfig
@@ -65,14 +66,29 @@ def name_of(corpus: str, recipe: str, minutes: float) -> str:
     return f"{corpus}_{recipe}_{minutes:g}min"
 
 
+def search_point(name: str) -> list[str]:
+    """The flags of a search point: `dropout0.5` or `weight_decay1e-4+num_layers2` is the recipe
+    with those fields set (each a field of the model, optimizer or checkpoint config)."""
+    from lstm_jax.config import get_config
+    base, flags = get_config(), []
+    for part in name.split("+"):
+        match = re.fullmatch(r"([a-z_]+?)(-?[0-9.][0-9.e+-]*|float32|bfloat16)", part)
+        sections = [s for s in ("model", "optimizer", "checkpoint")
+                    if match and match.group(1) in base[s]]
+        if len(sections) != 1:
+            raise SystemExit(f"bench_recipe: cannot read the search point {part!r}; use FIELDVALUE "
+                             "with FIELD a model, optimizer or checkpoint field, e.g. dropout0.5")
+        flags.append(f"--config.{sections[0]}.{match.group(1)}={match.group(2)}")
+    return flags
+
+
 def arguments(root: pathlib.Path, corpus: str, recipe: str, minutes: float) -> list[str]:
     source = {"builtin": ["--config.corpus=builtin"],
               "nietzsche": ["--config.corpus=nietzsche", "--config.lowercase=True"],
               "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}[corpus]
     variant = {"recipe": [], "previous": PREVIOUS}.get(recipe)
-    if variant is None:   # e.g. dropout0.25: the recipe with that field set (a search point)
-        field, value = recipe.rstrip("0123456789."), recipe.lstrip("abcdefghijklmnopqrstuvwxyz_")
-        variant = [f"--config.model.{field}={value}"]
+    if variant is None:
+        variant = search_point(recipe)
     return ["--config", str(ROOT / "configs" / "recipe.py"), *source,
             f"--config.time_budget_s={minutes * 60:g}", *variant]
 

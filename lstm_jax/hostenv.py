@@ -149,6 +149,24 @@ def _backends_initialized() -> bool:
         return False
 
 
+def cpu_flags_line() -> str:
+    """This CPU's feature flags as the OS reports them (the `flags` line of /proc/cpuinfo, else
+    `platform.processor()`): what the native build is keyed by and the recipe reads."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("flags"):
+                return line.rstrip("\n")
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of `cpu_flags_line()` as a set, e.g. {'avx2', 'avx512f', 'avx512_bf16'}."""
+    line = cpu_flags_line()
+    return set(line.split(":", 1)[1].split()) if line.startswith("flags") else set()
+
+
 def cpu_count() -> int:
     """Cores this process may run on (affinity-aware)."""
     try:

@@ -29,12 +29,10 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
-def tiny_config(**overrides):
-    """configs/tiny.py (small model, 1 device), 20 steps, logging every 5, plus `overrides`."""
+def config_file(name: str, **overrides):
+    """configs/<name>.py with `overrides` ({"model.hidden_size": 64, "max_steps": 3, ...})."""
     from lstm_jax.config import load_config_file
-    c = load_config_file(str(REPO / "configs" / "tiny.py"))
-    c.max_steps = 20
-    c.log_every = 5
+    c = load_config_file(str(REPO / "configs" / f"{name}.py"))
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")
@@ -42,6 +40,11 @@ def tiny_config(**overrides):
             target = target[p]
         target[leaf] = value
     return c
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py (small model, 1 device), 20 steps, logging every 5, plus `overrides`."""
+    return config_file("tiny", **{"max_steps": 20, "log_every": 5, **overrides})
 
 
 def cli_flags(config) -> list[str]:

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from lstm_jax import hostenv
+
 SOURCE = pathlib.Path(__file__).with_name("lstm_cpu.cc")
 _TARGETS = {"forward": "lstm_jax_native_forward", "backward": "lstm_jax_native_backward"}
 
@@ -57,15 +59,6 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
 
 def _build(compiler: str) -> pathlib.Path:
     """Compiles lstm_cpu.cc into the cache (atomically: concurrent processes may build at once)
@@ -78,7 +71,7 @@ def _build(compiler: str) -> pathlib.Path:
     # Keyed by what the build depends on; the include path (a venv's site-packages) is not, so a
     # new virtualenv with the same jaxlib reuses the build.
     key = hashlib.sha256("\n".join([SOURCE.read_text(), *version, jaxlib.__version__, *flags[:-1],
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
+                                    hostenv.cpu_flags_line()]).encode()).hexdigest()[:16]
     out = _cache_dir() / key / "liblstm_jax_cpu.so"
     if out.exists():
         return out
@@ -202,7 +195,6 @@ def threads_per_call(devices: int) -> int:
     """The threads one call uses when `devices` devices call the kernel at once."""
     if _THREADS:
         return _THREADS
-    from lstm_jax import hostenv
     return max(1, hostenv.cpu_count() // max(int(devices), 1))
 
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import copy
 import math
 import pathlib
+import types
 from typing import Optional
 
 import ml_collections
 
-from lstm_jax import hostenv
+from lstm_jax import flops, hostenv
 
 AUTO_HIDDEN, AUTO_DROPOUT, AUTO_DTYPE = 0, -1.0, "auto"
 SMALL_MODEL_CHARS = 4e6      # below this many trained chars at hidden 512, hidden 256
@@ -45,15 +46,6 @@ def is_auto(config: ml_collections.ConfigDict) -> bool:
     return m.hidden_size == AUTO_HIDDEN or m.dropout == AUTO_DROPOUT or m.dtype == AUTO_DTYPE
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
 
 def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
               cores: Optional[int] = None) -> float:
@@ -61,21 +53,21 @@ def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
     same machine chooses the same)."""
     if platform != "cpu":
         return ACCELERATOR_FLOPS
-    flags = _cpu_flags() if flags is None else flags
+    flags = hostenv.cpu_flags() if flags is None else flags
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
     rate = CPU_FLOPS_PER_CORE[isa] * (cores or hostenv.cpu_count())
     return rate * (1.2 if dtype == "bfloat16" else 1.0)
 
 
 def choose_dtype(platform: str, flags: Optional[set[str]] = None) -> str:
-    flags = _cpu_flags() if flags is None else flags
+    flags = hostenv.cpu_flags() if flags is None else flags
     return "bfloat16" if platform == "cpu" and "avx512_bf16" in flags else "float32"
 
 
 def trained_chars(hidden: int, vocab: int, layers: int, budget_s: float, rate: float) -> float:
     """Characters a budget of `budget_s` trains at `rate` FLOP/s (forward + backward per char)."""
-    per_char = 3 * (2.0 * hidden * 4 * hidden * (2 * layers - 1) + 2.0 * hidden * vocab)
-    return TRAINING_SHARE * budget_s * rate / per_char
+    model = types.SimpleNamespace(hidden_size=hidden, vocab_size=vocab, num_layers=layers)
+    return TRAINING_SHARE * budget_s * rate / flops.count(model).train
 
 
 def choose_dropout(epochs: float) -> float:
@@ -94,6 +86,13 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     if not is_auto(config):
         return None
     m = config.model
+    # Checked first, resumed runs too: without a budget the recipe would train for num_epochs
+    # (an upper bound, not a length).
+    budget = config.time_budget_s
+    if not budget or budget <= 0:
+        raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
+                         "'auto') chooses from the time budget; set time_budget_s, or set "
+                         "those fields yourself")
     if saved is not None:
         model = saved.get("model", {})
         for key, auto in (("hidden_size", AUTO_HIDDEN), ("dropout", AUTO_DROPOUT),
@@ -104,11 +103,6 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
             return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}, as "
                     f"chosen when this run started")
     platform = platform or hostenv.guess_platform()
-    budget = config.time_budget_s
-    if not budget or budget <= 0:
-        raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
-                         "'auto') chooses from the time budget; set time_budget_s, or set "
-                         "those fields yourself")
     if m.dtype == AUTO_DTYPE:
         m.dtype = choose_dtype(platform, flags)
     rate = host_rate(platform, m.dtype, flags, cores)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, config_file
 from lstm_jax import config as config_lib
 from lstm_jax import recipe, train
 
@@ -18,14 +18,7 @@ AVX512_BF16 = {"avx512f", "avx2", "avx512_bf16"}
 
 
 def _recipe_config(**overrides):
-    c = config_lib.load_config_file(str(REPO / "configs" / "recipe.py"))
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return c
+    return config_file("recipe", **overrides)
 
 
 def _chosen(train_chars, budget_s, flags=AVX512_BF16, platform="cpu", vocab=65, **overrides):
@@ -78,6 +71,9 @@ def test_no_budget_and_unresolved_plans_are_refused_in_one_line():
     c = _recipe_config(time_budget_s=0.0)
     with pytest.raises(ValueError, match="set time_budget_s, or set those fields yourself"):
         recipe.resolve(c, 1000, 65, platform="cpu", flags=AVX512_BF16)
+    saved = {"model": {"hidden_size": 256, "dropout": 0.3, "dtype": "float32"}}
+    with pytest.raises(ValueError, match="set time_budget_s"):    # resuming without one too
+        recipe.resolve(_recipe_config(time_budget_s=0.0), 1000, 65, saved=saved)
     with pytest.raises(ValueError, match="pass the config through recipe.apply first"):
         train.plan_run(_recipe_config())
     config_lib.validate(_recipe_config())            # the auto values are valid as such ...

@@ -44,7 +44,13 @@ NOTES = [
     "(--config.model.dropout=0.25, hidden and dtype chosen by the recipe): after them the rule "
     "was changed to choose 0.25 there, and their workdirs were renamed; the 'dropout0.5' runs "
     "are what the first rule (0.15 x log2(epochs)) chose.",
+    "The 15-minute runs ran in a later session than the 2/5/10-minute ones, on the same kind "
+    "of host (their 'cpu' field); each recipe/previous pair ran back to back in one session.",
 ]
+CPU = next((line.split(":", 1)[1].strip() for line in
+            pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")), os.uname().machine) \
+    if pathlib.Path("/proc/cpuinfo").exists() else os.uname().machine
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",
           "stdlib": "stdlib source (12 MB)"}
 
@@ -145,7 +151,7 @@ def result(workdir: pathlib.Path) -> dict:
         **side,
         "chars_per_s_median": rates[len(rates) // 2] if rates else None,
         "hidden": model["hidden_size"], "dropout": model["dropout"], "dtype": model["dtype"],
-        "time_budget_s": config["time_budget_s"],
+        "time_budget_s": config["time_budget_s"], "cpu": CPU,
         "anytime": [[e["elapsed_s"], round(e["val_text_loss"], 4), e["val_chars"]] for e in evals],
     }
 
@@ -155,9 +161,13 @@ def summary(root: pathlib.Path) -> dict:
               "metric": "val_text_loss: nats/char over the whole held-out text (last 5%), state "
                         "carried; final = last step, best = the kept best checkpoint",
               "host": f"{os.cpu_count()} cores, {os.uname().machine}", "notes": NOTES, "runs": {}}
+    # Runs kept from earlier roots (other sessions) stay; a workdir here replaces its namesake.
+    previous = RESULTS / "recipe_cpu.json"
+    runs = json.loads(previous.read_text())["runs"] if previous.exists() else {}
     for workdir in sorted(root.iterdir()):
         if workdir.is_dir() and finished(workdir) and workdir.name.endswith("min"):
-            record["runs"][workdir.name] = result(workdir)
+            runs[workdir.name] = result(workdir)
+    record["runs"] = dict(sorted(runs.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "recipe_cpu.json").write_text(json.dumps(record, indent=1))
     plot(record, RESULTS / "recipe_cpu.png")

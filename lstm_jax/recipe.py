@@ -35,7 +35,8 @@ from lstm_jax import flops, hostenv
 AUTO_HIDDEN, AUTO_DROPOUT, AUTO_DTYPE = 0, -1.0, "auto"
 SMALL_MODEL_CHARS = 4e6      # below this many trained chars at hidden 512, hidden 256
 TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
-# Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16 x1.2):
+# Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16: x1.5 on
+# the native kernel, x1.2 on XLA's matmuls where AMX makes those the faster):
 # what the native kernel reaches at hidden 256-512 (benchmarks/results/train_cpu*.json).
 CPU_FLOPS_PER_CORE = {"avx512": 70e9, "avx2": 35e9, "other": 10e9}
 ACCELERATOR_FLOPS = 20e12
@@ -56,7 +57,11 @@ def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
     flags = hostenv.cpu_flags() if flags is None else flags
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
     rate = CPU_FLOPS_PER_CORE[isa] * (cores or hostenv.cpu_count())
-    return rate * (1.2 if dtype == "bfloat16" else 1.0)
+    if dtype != "bfloat16":
+        return rate
+    # bfloat16 runs on the native kernel where the CPU has AVX512-BF16 but no AMX (native.fast),
+    # else on XLA's bf16 matmuls: measured x1.36-1.57 and x1.09-1.22 float32's rate.
+    return rate * (1.5 if "avx512_bf16" in flags and "amx_bf16" not in flags else 1.2)
 
 
 def choose_dtype(platform: str, flags: Optional[set[str]] = None) -> str:

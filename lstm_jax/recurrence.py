@@ -305,7 +305,8 @@ def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry
     backward="custom":   `lstm_scan_custom_vjp`, hand-written BPTT; faster to train on CPU.
     backward="native":   the native CPU kernel where it can run (`native.available()`), else
                          the custom scan; on GPU/TPU the custom scan.
-    backward="auto":     native where `native.fast` (float32, AVX-512), else the custom scan.
+    backward="auto":     native where `native.fast` (float32 on AVX-512; bfloat16 on AVX512-BF16
+                         without AMX), else the custom scan.
     Both return ((h_T, c_T), hs_TxBxH). In float32 they agree to rounding, forward and backward;
     with a bfloat16 `dtype` the forwards agree, but jax.grad runs the transposed matmuls in
     float32 where the custom backward runs them in bfloat16, so gradients differ by bfloat16

@@ -111,6 +111,20 @@ def test_the_kernel_is_deterministic_with_two_threads(monkeypatch):
             np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.parametrize("dtype,flags,hidden,expected", [
+    ("float32", {"avx512f"}, 256, True),
+    ("float32", {"avx512f"}, 250, False),                   # not a multiple of 16: the scan
+    ("bfloat16", {"avx512f", "avx512_bf16"}, 512, True),     # AVX512-BF16 without AMX (Zen 4)
+    ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, 512, False),   # AMX: XLA's bf16 wins
+])
+def test_auto_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype, flags, hidden, expected):
+    """`native.fast` (what backward='auto' runs) by dtype and CPU flags, on a kernel built with
+    AVX-512 and AVX512-BF16 (the build itself is stubbed: this runs on any host)."""
+    monkeypatch.setattr(native, "has_avx512", lambda: True)
+    monkeypatch.setattr(native, "has_bf16", lambda: "avx512_bf16" in flags)
+    assert native.fast(hidden, dtype, flags) is expected
+
+
 @needs_native
 def test_cpu_lowering_runs_the_kernel_and_gpu_tpu_lowering_the_scan():
     """backward='auto' on this CPU: the step lowered for the CPU calls the kernel and has no

@@ -158,11 +158,18 @@ def has_avx512() -> bool:
     return ok and bool(_load().lstm_jax_native_has_avx512())
 
 
-def fast(hidden_size: int, dtype) -> bool:
+def fast(hidden_size: int, dtype, flags: Optional[set[str]] = None) -> bool:
     """Whether `backward='auto'` runs this layer natively: where the measured grid has the kernel
-    ahead of the XLA scan (benchmarks/README.md): float32 on the AVX-512 path. In bfloat16 XLA's
-    own bf16 matmuls (oneDNN) beat the kernel's AVX512-BF16 loop, so auto keeps the scan."""
-    return (jnp.dtype(dtype) == jnp.float32 and hidden_size % 16 == 0 and has_avx512())
+    ahead of the XLA scan (benchmarks/README.md, "Native recurrence"). float32: on the AVX-512
+    path. bfloat16: on CPUs with AVX512-BF16 but without AMX; where AMX is present, XLA's bf16
+    matmuls (oneDNN on AMX tiles) beat the kernel's AVX512-BF16 loop, so auto keeps the scan.
+    `flags`: the CPU's feature flags (default: this CPU's)."""
+    if hidden_size % 16 or not has_avx512():
+        return False
+    if jnp.dtype(dtype) == jnp.float32:
+        return True
+    flags = hostenv.cpu_flags() if flags is None else flags
+    return jnp.dtype(dtype) == jnp.bfloat16 and has_bf16() and "amx_bf16" not in flags
 
 
 def check_supported(hidden_size: int, dtype: str) -> None:

@@ -324,10 +324,13 @@ def run_workload(wl: dict, variants: list[str], args, want_peak: bool) -> tuple[
     """Starts one worker per variant (one at a time: compile and warm-up), then times them in
     interleaved rounds, so that a load change on the host hits every variant alike."""
     children, peak = [], None
+    # The peak is measured in a one-device worker (all cores in its pool) where there is one: a
+    # worker with one single-threaded device per core measures a core's share, not the host's.
+    peak_at = next((i for i, v in enumerate(variants) if VARIANTS[v].get("devices") == 1), 0)
     try:
         for i, v in enumerate(variants):
             t0 = time.perf_counter()
-            children.append(start_child(v, wl, args, gemm_peak=want_peak and i == 0))
+            children.append(start_child(v, wl, args, gemm_peak=want_peak and i == peak_at))
             peak = peak or children[-1].info.get("gemm_peak_gflops")
             print(f"  [{_wl_key(wl)}] {v}: ready in {time.perf_counter() - t0:.1f}s",
                   file=sys.stderr, flush=True)

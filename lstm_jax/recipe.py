@@ -15,7 +15,9 @@ what it chose and why in one line. The rule, from the measured quality-per-minut
   at 512 (a short budget favours the smaller model);
 - dropout before the head: none for about one epoch, rising with log2(epochs) (0.25 at about
   twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
-  large one read once does not, and too much dropout slows a short run down.
+  large one read once does not, and too much dropout slows a short run down;
+- epochs are at most `num_epochs` (configs/recipe.py: 20): the best held-out loss on the small
+  corpora came at 15-22 epochs whatever the budget, so a budget that fits more ends early.
 
 A resumed run keeps the choices saved in its workdir's config.json, so changing the budget on
 resume does not change the model.
@@ -116,13 +118,16 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
         m.hidden_size = 512 if chars_at[512] >= SMALL_MODEL_CHARS else 256
     chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
                                                           m.num_layers, budget, rate)
-    epochs = chars / max(train_chars, 1)
+    fits = chars / max(train_chars, 1)
+    epochs = min(fits, config.num_epochs)     # num_epochs caps the run (configs/recipe.py: 20)
     if m.dropout == AUTO_DROPOUT:
         m.dropout = choose_dropout(epochs)
     where = f"{platform}, ~{rate / 1e9:,.0f} GFLOP/s" if platform == "cpu" else platform
+    capped = (f"num_epochs={config.num_epochs} of {train_chars:,} training chars (the budget "
+              f"fits ~{fits:,.1f}: the run ends early)" if fits > config.num_epochs else
+              f"~{epochs:,.1f} epochs of {train_chars:,} training chars")
     return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}: {budget:g} s "
-            f"trains ~{chars / 1e6:,.1f}M chars here ({where}), ~{epochs:,.1f} epochs of "
-            f"{train_chars:,} training chars")
+            f"trains ~{chars / 1e6:,.1f}M chars here ({where}), {capped}")
 
 
 def apply(config: ml_collections.ConfigDict, corpus, workdir=None,

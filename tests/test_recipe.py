@@ -38,9 +38,21 @@ def test_a_corpus_read_about_once_gets_no_dropout_and_a_short_budget_the_small_m
     assert _chosen(30_000_000, 600)[:2] == (512, 0.0)
     assert _chosen(30_000_000, 60)[:2] == (256, 0.0)
     # for one model, dropout grows with the epochs the budget reads: 0 -> 0.5, never down
-    drops = [_chosen(1_000_000, s, **{"model.hidden_size": 512})[1]
+    drops = [_chosen(1_000_000, s, **{"model.hidden_size": 512, "num_epochs": 1000})[1]
              for s in (20, 120, 300, 900, 90_000)]
     assert drops == sorted(drops) and drops[-1] == 0.5 and drops[0] == 0.0
+
+
+def test_a_budget_that_fits_more_than_num_epochs_ends_early_and_says_so():
+    """configs/recipe.py caps the run at 20 epochs: the dropout is the one for 20 epochs, the line
+    says the run ends early, and the config keeps the cap (the budget stops before it otherwise)."""
+    c = _recipe_config(time_budget_s=90_000)
+    assert c.num_epochs == 20
+    line = recipe.resolve(c, 1_000_000, 65, platform="cpu", flags=AVX512_BF16, cores=2)
+    assert c.model.dropout == recipe.choose_dropout(20) == 0.3 and c.num_epochs == 20
+    assert "num_epochs=20 of 1,000,000 training chars (the budget fits ~" in line and \
+        "the run ends early" in line
+    assert "ends early" not in _chosen(30_000_000, 600)[3]      # read about once: not capped
 
 
 def test_bfloat16_only_where_the_cpu_has_it_and_accelerators_get_the_big_model():

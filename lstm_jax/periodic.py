@@ -40,8 +40,9 @@ class Budget:
     evaluations, checkpoints and samples together. Once per budget it fixes the run's length at
     what fits in the time left at the measured step rate, never beyond num_epochs / max_steps,
     after a reserve for the side work still to come:
-    - EVAL_SHARE of the budget for the periodic evaluations, which then read a fixed subset of
-      the held-out text sized to fit it (`subset_chars`, None: the whole of it fits);
+    - EVAL_SHARE of the budget (of the run's expected wall time where num_epochs / max_steps
+      end it first) for the periodic evaluations, which then read a fixed subset of the
+      held-out text sized to fit it (`subset_chars`, None: the whole of it fits);
     - the end: a whole-text evaluation of the last state and one of the kept best checkpoint,
       each char costed at EVAL_CHAR_COST of a trained char (a forward pass is ~1/3 of one), and
       one more compile of the step (the new schedule).
@@ -92,7 +93,11 @@ class Budget:
         eval_s, eval_chars = getattr(meter, "eval_cost", (0.0, 0))
         eval_char_s = max(eval_s / eval_chars if eval_chars else 0.0, self.EVAL_CHAR_COST * char_s)
         end_s = 2 * self.full_eval_chars * eval_char_s
-        periodic_s = self.EVAL_SHARE * self.budget_s
+        # EVAL_SHARE of the run's wall time: the budget, or less where num_epochs / max_steps
+        # (`total`) end the run first (at the training rate, with the share itself on top)
+        short_s = meter.elapsed() + ((total - done) / self.rate + end_s + meter.compile_s) / \
+            (1 - self.EVAL_SHARE)
+        periodic_s = self.EVAL_SHARE * min(self.budget_s, short_s)
         self.reserve_s = end_s + periodic_s + meter.compile_s
         left = self.budget_s - meter.elapsed() - self.reserve_s
         fits = -parallel.max_over_processes(-min(total, max(done, done + int(max(0.0, left) * self.rate))))

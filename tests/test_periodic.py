@@ -120,6 +120,26 @@ def test_the_budget_is_wall_time_and_keeps_room_for_the_evaluations_to_come():
     assert wall + (n - done) / budget.rate + budget.reserve_s <= 100.0
 
 
+def test_a_run_that_num_epochs_ends_before_its_budget_sizes_its_evaluations_to_its_length():
+    """The recipe caps epochs: a 100 s budget whose run ends after 300 steps (30 s at 10 steps/s)
+    gets EVAL_SHARE of ~30 s for its periodic evaluations, not of 100 s (which would take a
+    sixth of the run). Fails if the share is taken of the budget."""
+    budget = periodic.Budget(100.0, fixed=False, full_eval_chars=40_000, eval_every=50)
+    meter = _Clock()
+    n = None
+    for done in range(1, 100):
+        meter.t = 1.0 + 0.1 * done
+        n = budget.length(done, meter, None, total=300) or n
+    done = 1 + periodic.Budget.WARMUP + 50
+    assert n == 300
+    end_s = 2 * 40_000 * periodic.Budget.EVAL_CHAR_COST / 10_000      # 4 s
+    wall = 1.0 + 0.1 * done + (0.1 * (300 - done) + end_s + meter.compile_s) / 0.95
+    periodic_s = periodic.Budget.EVAL_SHARE * wall
+    assert budget.reserve_s == pytest.approx(end_s + periodic_s + meter.compile_s)
+    evals = (300 - 1) // 50 - done // 50
+    assert budget.subset_chars == int(periodic_s / evals / (0.5 / 10_000))
+
+
 def test_the_budget_rechecks_once_at_the_wall_clock_rate_when_side_work_slows_the_run():
     """Evaluations and checkpoints that take more than foreseen (here: half of the wall time
     after the first fix) shorten the run once more, so it still ends inside the budget."""

@@ -207,7 +207,8 @@ def plot(record: dict, path: pathlib.Path) -> None:
                          "uncapped": "configs/recipe.py without its 20-epoch cap"}[recipe]
                 ax.plot(*zip(*points), style, label=label)
         ax.set_title(TITLES[corpus], fontsize=9)
-        ax.set_xlabel("wall-clock budget, minutes (2-core CPU)")
+        ax.set_xlabel("wall-clock budget, minutes (2-core CPU; each run's host in the JSON)",
+                      fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out loss at the end, nats/char")

@@ -116,6 +116,7 @@ def test_the_cli_says_what_it_chose_saves_it_and_a_resume_with_another_budget_ke
                str(REPO / "configs/recipe.py"), f"--config.corpus={corpus}",
                f"--config.time_budget_s={budget}", "--config.batch_size=8", "--config.seq_len=20",
                "--config.eval_every=0", "--config.sample.length=5", "--noprogress",
+               "--config.num_epochs=1000",   # uncapped: the budget ends both runs
                "--workdir", str(workdir)]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 

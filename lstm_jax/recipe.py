@@ -16,8 +16,8 @@ what it chose and why in one line. The rule, from the measured quality-per-minut
 - dropout before the head: none for about one epoch, rising with log2(epochs) (0.25 at about
   twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
   large one read once does not, and too much dropout slows a short run down;
-- epochs are at most `num_epochs` (configs/recipe.py: 20): the best held-out loss on the small
-  corpora came at 15-22 epochs whatever the budget, so a budget that fits more ends early.
+- epochs are at most `num_epochs` (configs/recipe.py: 20): on the small corpora the best
+  held-out loss came well before the end of longer runs, so a budget that fits more ends early.
 
 A resumed run keeps the choices saved in its workdir's config.json, so changing the budget on
 resume does not change the model.
@@ -62,7 +62,7 @@ def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
     if dtype != "bfloat16":
         return rate
     # bfloat16 runs on the native kernel where the CPU has AVX512-BF16 but no AMX (native.fast),
-    # else on XLA's bf16 matmuls: measured x1.36-1.57 and x1.09-1.22 float32's rate.
+    # else on XLA's bf16 matmuls (benchmarks/README.md, "Native recurrence").
     return rate * (1.5 if "avx512_bf16" in flags and "amx_bf16" not in flags else 1.2)
 
 

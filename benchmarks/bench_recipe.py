@@ -33,6 +33,8 @@ import sys
 import sysconfig
 import time
 
+import hostbench   # benchmarks/hostbench.py (this script's directory is on sys.path)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CORPORA = ("builtin", "nietzsche", "stdlib")
@@ -56,10 +58,7 @@ NOTES = [
     "sized to the run's length rather than its budget (their side share: 12.8% and 10.9%); the "
     "10-minute ones ran after it: the same 20 epochs, the same final loss, less side work.",
 ]
-CPU = next((line.split(":", 1)[1].strip() for line in
-            pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")), os.uname().machine) \
-    if pathlib.Path("/proc/cpuinfo").exists() else os.uname().machine
+CPU = hostbench.describe().get("cpu_model", os.uname().machine)   # recorded with each run
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",
           "stdlib": "stdlib source (12 MB)"}
 

@@ -5,9 +5,10 @@ Command:  lstm-jax train --config configs/recipe.py --config.corpus=PATH_OR_NAME
 
 Fixed here: at most 20 epochs (a small corpus read more often than that overfits, so a long
 budget on it ends early with the better model; a large corpus never gets there); one LSTM
-layer; the sequence objective (loss at every position) over shuffled 100-char chunks, batch 32; RMSprop 0.01 with clipping 5 and a cosine decay whose horizon is the
-number of steps that fit the budget (`time_budget_s`, the run's wall time, evaluations included:
-measured once after warm-up, saved with the run); the kept best checkpoint is the one with the
+layer; the sequence objective (loss at every position) over shuffled 100-char chunks, batch 32;
+RMSprop 0.01 with clipping 5 and a cosine decay whose horizon is the number of steps that fit
+the budget (`time_budget_s`, the run's wall time, evaluations included: measured once after
+warm-up, saved with the run); the kept best checkpoint is the one with the
 lowest whole-text val_text_bpc, which `sample` and `eval --step` should use when the run ends past
 its best point.
 

@@ -167,6 +167,14 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split()) if line.startswith("flags") else set()
 
 
+def bf16_on_native_kernel(flags: Optional[set[str]] = None) -> bool:
+    """Whether bfloat16 matmuls are faster on the native kernel than through XLA on this CPU:
+    AVX512-BF16 without AMX (where AMX is present, XLA's bf16 matmuls use its tiles and win;
+    benchmarks/README.md, "Native recurrence"). `flags`: default, this CPU's."""
+    flags = cpu_flags() if flags is None else flags
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
 def cpu_count() -> int:
     """Cores this process may run on (affinity-aware)."""
     try:

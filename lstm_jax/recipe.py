@@ -63,7 +63,7 @@ def host_rate(platform: str, dtype: str, flags: Optional[set[str]] = None,
         return rate
     # bfloat16 runs on the native kernel where the CPU has AVX512-BF16 but no AMX (native.fast),
     # else on XLA's bf16 matmuls (benchmarks/README.md, "Native recurrence").
-    return rate * (1.5 if "avx512_bf16" in flags and "amx_bf16" not in flags else 1.2)
+    return rate * (1.5 if hostenv.bf16_on_native_kernel(flags) else 1.2)
 
 
 def choose_dtype(platform: str, flags: Optional[set[str]] = None) -> str:

@@ -168,8 +168,7 @@ def fast(hidden_size: int, dtype, flags: Optional[set[str]] = None) -> bool:
         return False
     if jnp.dtype(dtype) == jnp.float32:
         return True
-    flags = hostenv.cpu_flags() if flags is None else flags
-    return jnp.dtype(dtype) == jnp.bfloat16 and has_bf16() and "amx_bf16" not in flags
+    return jnp.dtype(dtype) == jnp.bfloat16 and has_bf16() and hostenv.bf16_on_native_kernel(flags)
 
 
 def check_supported(hidden_size: int, dtype: str) -> None:

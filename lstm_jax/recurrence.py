@@ -283,9 +283,8 @@ def backend_name(backward: str, hidden_size: int, dtype, platform: str, devices:
     thread/device)" or "custom scan"."""
     if platform == "cpu" and _native_runs(backward, hidden_size, dtype):
         from lstm_jax import native
-        kind = "AVX-512" if native.has_avx512() and hidden_size % 16 == 0 else "OpenBLAS sgemm"
         n = native.threads_per_call(devices)
-        return (f"native ({kind}, {jnp.dtype(dtype).name}, {n} thread{'s' if n > 1 else ''}"
+        return (f"native ({native.kind(hidden_size)}, {jnp.dtype(dtype).name}, {n} thread{'s' if n > 1 else ''}"
                 f"/device)")
     if backward in ("native", "auto") and platform == "cpu":
         from lstm_jax import native
@@ -305,8 +304,8 @@ def lstm_layer(xproj_TxBx4H: jax.Array, kernel_rec_Hx4H: jax.Array, carry: Carry
     backward="custom":   `lstm_scan_custom_vjp`, hand-written BPTT; faster to train on CPU.
     backward="native":   the native CPU kernel where it can run (`native.available()`), else
                          the custom scan; on GPU/TPU the custom scan.
-    backward="auto":     native where `native.fast` (float32 on AVX-512; bfloat16 on AVX512-BF16
-                         without AMX), else the custom scan.
+    backward="auto":     native where `native.fast` (float32 on AVX-512 or AVX2; bfloat16 on
+                         AVX512-BF16 without AMX), else the custom scan.
     Both return ((h_T, c_T), hs_TxBxH). In float32 they agree to rounding, forward and backward;
     with a bfloat16 `dtype` the forwards agree, but jax.grad runs the transposed matmuls in
     float32 where the custom backward runs them in bfloat16, so gradients differ by bfloat16

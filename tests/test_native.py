@@ -113,14 +113,19 @@ def test_the_kernel_is_deterministic_with_two_threads(monkeypatch):
 
 @pytest.mark.parametrize("dtype,flags,hidden,expected", [
     ("float32", {"avx512f"}, 256, True),
-    ("float32", {"avx512f"}, 250, False),                   # not a multiple of 16: the scan
+    ("float32", {"avx512f"}, 248, False),                   # not a multiple of 16: the scan
     ("bfloat16", {"avx512f", "avx512_bf16"}, 512, True),     # AVX512-BF16 without AMX (Zen 4)
     ("bfloat16", {"avx512f", "avx512_bf16", "amx_bf16"}, 512, False),   # AMX: XLA's bf16 wins
+    ("float32", {"avx2", "fma"}, 248, True),                 # AVX2: a multiple of 8 is enough
+    ("float32", {"avx2", "fma"}, 250, False),
+    ("bfloat16", {"avx2", "fma"}, 512, False),              # bf16 only on AVX512-BF16
+    ("float32", {"sse4_2"}, 256, False),                    # no microkernel: sgemm per step
 ])
 def test_auto_runs_the_kernel_where_it_measured_faster(monkeypatch, dtype, flags, hidden, expected):
-    """`native.fast` (what backward='auto' runs) by dtype and CPU flags, on a kernel built with
-    AVX-512 and AVX512-BF16 (the build itself is stubbed: this runs on any host)."""
-    monkeypatch.setattr(native, "has_avx512", lambda: True)
+    """`native.fast` (what backward='auto' runs) by dtype and CPU flags, on a kernel built for
+    those flags (the build itself is stubbed: this runs on any host)."""
+    width = 16 if "avx512f" in flags else 8 if "avx2" in flags else 0
+    monkeypatch.setattr(native, "simd_width", lambda: width)
     monkeypatch.setattr(native, "has_bf16", lambda: "avx512_bf16" in flags)
     assert native.fast(hidden, dtype, flags) is expected
 
@@ -178,7 +183,8 @@ def _cli(tmp_path, *args, env=None):
 def test_the_start_up_line_names_the_native_backend(tmp_path):
     proc, _ = _cli(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"recurrence: native \(AVX-512, float32, \d threads?/device\)", proc.stdout), \
+    assert re.search(r"recurrence: native \((AVX-512|AVX2), float32, \d threads?/device\)",
+                     proc.stdout), \
         proc.stdout
 
 

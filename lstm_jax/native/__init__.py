@@ -1,9 +1,9 @@
 """The native CPU recurrence: one LSTM layer (all timesteps) as one XLA FFI call per direction.
 
-`lstm_cpu.cc` (beside this file) holds the forward and backward loops. On AVX-512 CPUs (hidden
-size a multiple of 16) W_rec is packed once per call and each timestep's recurrent matmul is a
-register-blocked microkernel with the gate math applied to the tile in registers; elsewhere each
-timestep is one sgemm of scipy's OpenBLAS (its function pointer comes from
+`lstm_cpu.cc` (beside this file) holds the forward and backward loops. On AVX-512 or AVX2 CPUs
+(hidden size a multiple of the vector width, 16 or 8 floats) W_rec is packed once per call and
+each timestep's recurrent matmul is a register-blocked microkernel with the gate math applied to
+the tile in registers; elsewhere each timestep is one sgemm of scipy's OpenBLAS (its function pointer comes from
 `scipy.linalg.cython_blas`, so nothing links against a BLAS at build time) and one fused pass of
 gate math. It is compiled from source on first use with the C++ compiler at hand (`$CXX`, else
 `c++`/`g++`) into the user cache, keyed by the source, the compiler, jaxlib and this CPU's flags;
@@ -153,18 +153,35 @@ def has_bf16() -> bool:
 
 
 def has_avx512() -> bool:
-    """Whether the loaded kernel was built with the AVX-512 microkernel (else: sgemm per step)."""
+    """Whether the loaded kernel was built with the AVX-512 microkernel."""
+    return simd_width() == 16
+
+
+def simd_width() -> int:
+    """Floats per vector of the loaded kernel's microkernel: 16 (AVX-512), 8 (AVX2 with FMA), or
+    0 (none: every hidden size runs one sgemm per step)."""
     ok, _ = available()
-    return ok and bool(_load().lstm_jax_native_has_avx512())
+    return int(_load().lstm_jax_native_simd_width()) if ok else 0
+
+
+def kind(hidden_size: int) -> str:
+    """What runs a layer of `hidden_size` here, for the start-up line: the microkernel's
+    instruction set where the hidden size is a multiple of its vector width, else the sgemm."""
+    width = simd_width()
+    if width and hidden_size % width == 0:
+        return "AVX-512" if width == 16 else "AVX2"
+    return "OpenBLAS sgemm"
 
 
 def fast(hidden_size: int, dtype, flags: Optional[set[str]] = None) -> bool:
     """Whether `backward='auto'` runs this layer natively: where the measured grid has the kernel
-    ahead of the XLA scan (benchmarks/README.md, "Native recurrence"). float32: on the AVX-512
-    path. bfloat16: on CPUs with AVX512-BF16 but without AMX; where AMX is present, XLA's bf16
-    matmuls (oneDNN on AMX tiles) beat the kernel's AVX512-BF16 loop, so auto keeps the scan.
-    `flags`: the CPU's feature flags (default: this CPU's)."""
-    if hidden_size % 16 or not has_avx512():
+    ahead of the XLA scan (benchmarks/README.md, "Native recurrence"). float32: on the
+    microkernel (AVX-512 or AVX2, hidden size a multiple of the vector width). bfloat16: on CPUs
+    with AVX512-BF16 but without AMX; where AMX is present, XLA's bf16 matmuls (oneDNN on AMX
+    tiles) beat the kernel's AVX512-BF16 loop, so auto keeps the scan. `flags`: the CPU's
+    feature flags (default: this CPU's)."""
+    width = simd_width()
+    if not width or hidden_size % width:
         return False
     if jnp.dtype(dtype) == jnp.float32:
         return True

@@ -8,15 +8,17 @@
 //             -> dgates (T, B, 4H) (= d xproj), dh0 (B, H), dc0 (B, H)
 // The weight gradient dW_rec = h_all[:-1]^T . dgates is one large GEMM, left to XLA by the caller.
 //
-// The AVX-512 path (hidden_size a multiple of 16): W_rec is packed once per call into panels
-// (forward: the i, f, g, o columns of 16 units side by side, so one register tile holds whole
-// cells; backward: rows of W_rec, i.e. W^T, for 16-64 units) and reused at every timestep. Each
-// timestep runs a register-blocked microkernel (`mac`: up to 12 batch rows x 4 vectors of
-// float32 accumulators, FMA with a broadcast; for bfloat16 the AVX512-BF16 dot product on pairs
-// of the inner dimension, float32 accumulation) and applies the gate math to the tile while it
-// is still in registers: no (B, 4H) gate array goes through memory between the matmul and the
-// cell update. Panels are split over `threads` OpenMP threads; the timesteps are sequential.
-// Elsewhere (no AVX-512, or another hidden_size) each timestep is one sgemm of the BLAS the
+// The SIMD path (AVX-512: hidden_size a multiple of 16; AVX2 with FMA: a multiple of 8): W_rec
+// is packed once per call into panels (forward: the i, f, g, o columns of one vector's worth of
+// units side by side, so one register tile holds whole cells; backward: rows of W_rec, i.e. W^T,
+// for 1-4 vectors of units) and reused at every timestep. Each timestep runs a register-blocked
+// microkernel (`mac`: rows x vectors of float32 accumulators, FMA with a broadcast, sized to the
+// register file: up to 6x4 on AVX-512, 3x4 or 6x2 on AVX2; for bfloat16, AVX-512 only, the
+// AVX512-BF16 dot product on pairs of the inner dimension, float32 accumulation) and applies the
+// gate math to the tile while it is still in registers: no (B, 4H) gate array goes through memory
+// between the matmul and the cell update. Panels are split over `threads` OpenMP threads; the
+// timesteps are sequential.
+// Elsewhere (no AVX2, or another hidden_size) each timestep is one sgemm of the BLAS the
 // loader hands over (scipy's OpenBLAS) followed by one fused pass of scalar gate math.
 #include <cmath>
 #include <cstdint>
@@ -30,10 +32,14 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define LSTM_JAX_AVX512 1
+#define LSTM_JAX_SIMD 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LSTM_JAX_SIMD 8
 #else
-#define LSTM_JAX_AVX512 0
+#define LSTM_JAX_SIMD 0
 #endif
+#define LSTM_JAX_AVX512 (LSTM_JAX_SIMD == 16)
 #if LSTM_JAX_AVX512 && defined(__AVX512BF16__)
 #define LSTM_JAX_HAVE_BF16 1
 #else
@@ -58,6 +64,7 @@ extern "C" __attribute__((visibility("default"))) int lstm_jax_native_init(void*
 
 extern "C" __attribute__((visibility("default"))) int lstm_jax_native_has_bf16() { return LSTM_JAX_HAVE_BF16; }
 extern "C" __attribute__((visibility("default"))) int lstm_jax_native_has_avx512() { return LSTM_JAX_AVX512; }
+extern "C" __attribute__((visibility("default"))) int lstm_jax_native_simd_width() { return LSTM_JAX_SIMD; }
 
 namespace {
 
@@ -154,35 +161,77 @@ struct BlasThreads {
 };
 
 
-#if LSTM_JAX_AVX512
-// --- the AVX-512 path: W_rec packed once per call into panels, a register-blocked kernel per
-// timestep with the gate math applied to the tile while it is still in registers. ---------------
+#if LSTM_JAX_SIMD
+// --- the SIMD path (AVX-512: vectors of 16 floats; AVX2 + FMA: 8): W_rec packed once per call
+// into panels, a register-blocked kernel per timestep with the gate math applied to the tile
+// while it is still in registers. ------------------------------------------------------------
 
-inline __m512 exp16(__m512 x) {
+#if LSTM_JAX_SIMD == 16
+using vf = __m512;
+constexpr int kW = 16;       // floats per vector
+constexpr int kFwdRows = 6;  // forward tile: 6 rows x 4 gates = 24 of the 32 registers
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vset(float x) { return _mm512_set1_ps(x); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm512_min_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }    // a*b + c
+inline vf vfnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a*b
+inline vf vround(vf x) {
+  return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+inline vf vscale2(vf p, vf n) { return _mm512_scalef_ps(p, n); }  // p * 2^n
+#else
+using vf = __m256;
+constexpr int kW = 8;
+constexpr int kFwdRows = 3;  // forward tile: 3 rows x 4 gates (12 of the 16 registers)
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vset(float x) { return _mm256_set1_ps(x); }
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vmin(vf a, vf b) { return _mm256_min_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vfnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+inline vf vround(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vf vscale2(vf p, vf n) {  // n is integral in [-126, 127] here: build 2^n's exponent bits
+  const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+}
+#endif
+
+inline vf vexp(vf x) {
   // NaN passes through max/min (they return the second operand when either is NaN).
-  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+  x = vmax(vset(-87.0f), x);
+  x = vmin(vset(88.0f), x);
+  const vf n = vround(vmul(x, vset(1.44269504088896341f)));
+  vf r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  vf p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(vmul(p, r), r, vadd(r, vset(1.0f)));
+  return vscale2(p, n);
 }
-inline __m512 sigmoid16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+inline vf vsigmoid(vf x) {
+  const vf one = vset(1.0f);
+  return vdiv(one, vadd(one, vexp(vsub(vzero(), x))));
 }
-inline __m512 tanh16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), x));
-  return _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(one, e)), one);
+inline vf vtanh(vf x) {
+  const vf one = vset(1.0f);
+  return vsub(vdiv(vset(2.0f), vadd(one, vexp(vmul(vset(-2.0f), x)))), one);
 }
 
 inline uint16_t to_bf16(float v) {  // round to nearest even
@@ -199,8 +248,8 @@ struct Lhs {
   int64_t ld = 0;  // row stride, in elements (float32) or pairs (bfloat16)
 };
 
-// Panels of the right operand: panel p holds the NV*16 columns it produces, row k after row k
-// (float32: [p][k][NV*16]; bfloat16: [p][k/2][NV*16][2], two K rows interleaved as dpbf16ps
+// Panels of the right operand: panel p holds the NV*kW columns it produces, row k after row k
+// (float32: [p][k][NV*kW]; bfloat16 (kW = 16): [p][k/2][NV*16][2], two K rows interleaved as dpbf16ps
 // reads them). `col(p, c)` names the source column of W for column c of panel p.
 template <typename Col>
 std::vector<float> pack_f32(const float* w, int64_t ldw, int64_t K, int64_t panels, int width,
@@ -245,18 +294,18 @@ struct Rhs {
   int64_t K = 0;  // the contraction length (float32 rows)
 };
 
-// acc[r][v] += lhs rows [b0, b0+R) . panel p (NV vectors of 16 columns).
+// acc[r][v] += lhs rows [b0, b0+R) . panel p (NV vectors of kW columns).
 template <int R, int NV>
-inline void mac(const Lhs& a, const Rhs& w, int64_t b0, int64_t p, __m512 (&acc)[R][NV]) {
+inline void mac(const Lhs& a, const Rhs& w, int64_t b0, int64_t p, vf (&acc)[R][NV]) {
   if (w.bf16 == nullptr) {
-    const float* wp = w.f32 + p * w.K * NV * 16;
+    const float* wp = w.f32 + p * w.K * NV * kW;
     const float* x = a.f32 + b0 * a.ld;
     for (int64_t k = 0; k < w.K; ++k) {
-      __m512 wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_ps(wp + k * NV * 16 + 16 * v);
+      vf wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = vload(wp + k * NV * kW + kW * v);
       for (int r = 0; r < R; ++r) {
-        const __m512 xv = _mm512_set1_ps(x[r * a.ld + k]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+        const vf xv = vset(x[r * a.ld + k]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = vfma(xv, wv[v], acc[r][v]);
       }
     }
     return;
@@ -292,33 +341,33 @@ inline void for_row_blocks(int64_t B, F&& f) {
   remainder_block<RMAX - 1>(static_cast<int>(B - b0), b0, f);
 }
 
-// Forward of one timestep for the 16 units of panel p and rows [b0, b0+R): gates = xproj_t +
+// Forward of one timestep for the kW units of panel p and rows [b0, b0+R): gates = xproj_t +
 // h_{t-1} . W, then the cell, all in registers.
 template <int R>
 inline void forward_block(const Lhs& h_prev, const Rhs& w, int64_t p, int64_t b0, int64_t H,
                           const float* xp_t, const float* c_prev, float* c_next, float* h_next,
                           float* act_t) {
-  __m512 acc[R][4];
+  vf acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < 4; ++g)
-      acc[r][g] = _mm512_loadu_ps(xp_t + (b0 + r) * 4 * H + g * H + 16 * p);
+      acc[r][g] = vload(xp_t + (b0 + r) * 4 * H + g * H + kW * p);
   mac<R, 4>(h_prev, w, b0, p, acc);
   for (int r = 0; r < R; ++r) {
-    const __m512 i = sigmoid16(acc[r][0]), f = sigmoid16(acc[r][1]), g = tanh16(acc[r][2]),
-                 o = sigmoid16(acc[r][3]);
-    const int64_t off = (b0 + r) * H + 16 * p;
-    const __m512 c = _mm512_fmadd_ps(f, _mm512_loadu_ps(c_prev + off), _mm512_mul_ps(i, g));
-    float* a = act_t + (b0 + r) * 4 * H + 16 * p;
-    _mm512_storeu_ps(a, i);
-    _mm512_storeu_ps(a + H, f);
-    _mm512_storeu_ps(a + 2 * H, g);
-    _mm512_storeu_ps(a + 3 * H, o);
-    _mm512_storeu_ps(c_next + off, c);
-    _mm512_storeu_ps(h_next + off, _mm512_mul_ps(o, tanh16(c)));
+    const vf i = vsigmoid(acc[r][0]), f = vsigmoid(acc[r][1]), g = vtanh(acc[r][2]),
+                 o = vsigmoid(acc[r][3]);
+    const int64_t off = (b0 + r) * H + kW * p;
+    const vf c = vfma(f, vload(c_prev + off), vmul(i, g));
+    float* a = act_t + (b0 + r) * 4 * H + kW * p;
+    vstore(a, i);
+    vstore(a + H, f);
+    vstore(a + 2 * H, g);
+    vstore(a + 3 * H, o);
+    vstore(c_next + off, c);
+    vstore(h_next + off, vmul(o, vtanh(c)));
   }
 }
 
-// Backward of one timestep for the NV*16 units of panel q and rows [b0, b0+R): dh_t = d_hs[t]
+// Backward of one timestep for the NV*kW units of panel q and rows [b0, b0+R): dh_t = d_hs[t]
 // (+ dh_T at the last step) + dgates_{t+1} . W^T, then the gate derivatives of step t into
 // dg_t and dc (d c_t in, d c_{t-1} out). With t < 0 the tile is dh0 and is stored as is.
 struct BackwardStep {
@@ -334,47 +383,47 @@ struct BackwardStep {
 
 template <int R, int NV>
 inline void backward_block(const BackwardStep& s, const Rhs& w, int64_t q, int64_t b0, int64_t H) {
-  __m512 acc[R][NV];
+  vf acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
-      const int64_t off = (b0 + r) * H + q * NV * 16 + 16 * v;
-      __m512 x = _mm512_setzero_ps();
+      const int64_t off = (b0 + r) * H + q * NV * kW + kW * v;
+      vf x = vzero();
       for (const float* e : s.dh_ext)
-        if (e != nullptr) x = _mm512_add_ps(x, _mm512_loadu_ps(e + off));
+        if (e != nullptr) x = vadd(x, vload(e + off));
       acc[r][v] = x;
     }
   if (s.dg_next != nullptr) mac<R, NV>(*s.dg_next, w, b0, q, acc);
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const vf one = vset(1.0f);
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) {
-      const int64_t j = q * NV * 16 + 16 * v, off = (b0 + r) * H + j;
+      const int64_t j = q * NV * kW + kW * v, off = (b0 + r) * H + j;
       if (s.dg_t == nullptr) {
-        _mm512_storeu_ps(s.dh0 + off, acc[r][v]);
+        vstore(s.dh0 + off, acc[r][v]);
         continue;
       }
       const float* a = s.act_t + (b0 + r) * 4 * H + j;
-      const __m512 i = _mm512_loadu_ps(a), f = _mm512_loadu_ps(a + H),
-                   g = _mm512_loadu_ps(a + 2 * H), o = _mm512_loadu_ps(a + 3 * H);
-      const __m512 tc = tanh16(_mm512_loadu_ps(s.c_t + off));
-      const __m512 d_h = acc[r][v];
-      const __m512 d_c = _mm512_fmadd_ps(_mm512_mul_ps(d_h, o), _mm512_fnmadd_ps(tc, tc, one),
-                                         _mm512_loadu_ps(s.dc + off));
+      const vf i = vload(a), f = vload(a + H),
+                   g = vload(a + 2 * H), o = vload(a + 3 * H);
+      const vf tc = vtanh(vload(s.c_t + off));
+      const vf d_h = acc[r][v];
+      const vf d_c = vfma(vmul(d_h, o), vfnma(tc, tc, one),
+                                         vload(s.dc + off));
       float* d = s.dg_t + (b0 + r) * 4 * H + j;
-      _mm512_storeu_ps(d, _mm512_mul_ps(_mm512_mul_ps(d_c, g), _mm512_mul_ps(i, _mm512_sub_ps(one, i))));
-      _mm512_storeu_ps(d + H, _mm512_mul_ps(_mm512_mul_ps(d_c, _mm512_loadu_ps(s.c_prev + off)),
-                                            _mm512_mul_ps(f, _mm512_sub_ps(one, f))));
-      _mm512_storeu_ps(d + 2 * H, _mm512_mul_ps(_mm512_mul_ps(d_c, i), _mm512_fnmadd_ps(g, g, one)));
-      _mm512_storeu_ps(d + 3 * H, _mm512_mul_ps(_mm512_mul_ps(d_h, tc),
-                                                _mm512_mul_ps(o, _mm512_sub_ps(one, o))));
-      _mm512_storeu_ps(s.dc + off, _mm512_mul_ps(d_c, f));
+      vstore(d, vmul(vmul(d_c, g), vmul(i, vsub(one, i))));
+      vstore(d + H, vmul(vmul(d_c, vload(s.c_prev + off)),
+                                            vmul(f, vsub(one, f))));
+      vstore(d + 2 * H, vmul(vmul(d_c, i), vfnma(g, g, one)));
+      vstore(d + 3 * H, vmul(vmul(d_h, tc),
+                                                vmul(o, vsub(one, o))));
+      vstore(s.dc + off, vmul(d_c, f));
     }
 }
 
-void forward_avx512(const float* xproj, const float* w, float* hs, float* cs, float* act,
+void forward_simd(const float* xproj, const float* w, float* hs, float* cs, float* act,
                     int64_t T, int64_t B, int64_t H, int threads, bool bf16) {
-  const int64_t panels = H / 16;
-  // Panel p: gate columns i, f, g, o of units 16p..16p+15, so each tile holds whole cells.
-  auto col = [H](int64_t p, int c) { return (c / 16) * H + 16 * p + c % 16; };
+  const int64_t panels = H / kW;
+  // Panel p: gate columns i, f, g, o of units kW*p.. kW*p+kW-1, so each tile holds whole cells.
+  auto col = [H](int64_t p, int c) { return (c / kW) * H + kW * p + c % kW; };
   std::vector<float> wf;
   std::vector<uint16_t> wb;
   std::vector<uint32_t> hp;
@@ -385,7 +434,7 @@ void forward_avx512(const float* xproj, const float* w, float* hs, float* cs, fl
     rhs.bf16 = wb.data();
     hp.resize(static_cast<size_t>(B * H / 2));
   } else {
-    wf = pack_f32(w, 4 * H, H, panels, 64, false, col);
+    wf = pack_f32(w, 4 * H, H, panels, 4 * kW, false, col);
     rhs.f32 = wf.data();
   }
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -402,7 +451,7 @@ void forward_avx512(const float* xproj, const float* w, float* hs, float* cs, fl
     }
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < panels; ++p)
-      for_row_blocks<6>(B, [&](auto R, int64_t b0) {
+      for_row_blocks<kFwdRows>(B, [&](auto R, int64_t b0) {
         forward_block<decltype(R)::value>(lhs, rhs, p, b0, H, xproj + t * B * 4 * H,
                                           cs + t * B * H, cs + (t + 1) * B * H,
                                           hs + (t + 1) * B * H, act + t * B * 4 * H);
@@ -411,23 +460,23 @@ void forward_avx512(const float* xproj, const float* w, float* hs, float* cs, fl
 }
 
 template <int NV, int RMAX>
-void backward_avx512_nv(const float* w, const float* cs, const float* act, const float* dhs,
+void backward_simd_nv(const float* w, const float* cs, const float* act, const float* dhs,
                         const float* dh_T, float* dg, float* dh0, float* dc, int64_t T, int64_t B,
                         int64_t H, int threads, bool bf16) {
-  const int64_t panels = H / (16 * NV);
-  // Panel q: units q*16NV.. of dh, i.e. rows of W read along the 4H gate columns (W^T).
-  auto col = [](int64_t q, int c) { return q * 16 * NV + c; };
+  const int64_t panels = H / (kW * NV);
+  // Panel q: units q*kW*NV.. of dh, i.e. rows of W read along the 4H gate columns (W^T).
+  auto col = [](int64_t q, int c) { return q * kW * NV + c; };
   std::vector<float> wf;
   std::vector<uint16_t> wb;
   std::vector<uint32_t> gp;
   Rhs rhs;
   rhs.K = 4 * H;
   if (bf16) {
-    wb = pack_bf16(w, 4 * H, 4 * H, panels, 16 * NV, true, col);
+    wb = pack_bf16(w, 4 * H, 4 * H, panels, kW * NV, true, col);
     rhs.bf16 = wb.data();
     gp.resize(static_cast<size_t>(B * 2 * H));
   } else {
-    wf = pack_f32(w, 4 * H, 4 * H, panels, 16 * NV, true, col);
+    wf = pack_f32(w, 4 * H, 4 * H, panels, kW * NV, true, col);
     rhs.f32 = wf.data();
   }
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -465,17 +514,26 @@ void backward_avx512_nv(const float* w, const float* cs, const float* act, const
   }
 }
 
-void backward_avx512(const float* w, const float* cs, const float* act, const float* dhs,
-                     const float* dh_T, float* dg, float* dh0, float* dc, int64_t T, int64_t B,
-                     int64_t H, int threads, bool bf16) {
+// Backward tiles: rows x vectors of accumulators, with the weight vectors and one broadcast, in
+// the register file (AVX-512: 32 registers, 6x4 or 12x2; AVX2: 16 registers, 6x2 or 12x1).
+void backward_simd(const float* w, const float* cs, const float* act, const float* dhs,
+                   const float* dh_T, float* dg, float* dh0, float* dc, int64_t T, int64_t B,
+                   int64_t H, int threads, bool bf16) {
+#if LSTM_JAX_SIMD == 16
   if (H % 64 == 0)
-    backward_avx512_nv<4, 6>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+    backward_simd_nv<4, 6>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
   else if (H % 32 == 0)
-    backward_avx512_nv<2, 12>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+    backward_simd_nv<2, 12>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
   else
-    backward_avx512_nv<1, 12>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+    backward_simd_nv<1, 12>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+#else
+  if (H % 16 == 0)
+    backward_simd_nv<2, 6>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+  else
+    backward_simd_nv<1, 12>(w, cs, act, dhs, dh_T, dg, dh0, dc, T, B, H, threads, bf16);
+#endif
 }
-#endif  // LSTM_JAX_AVX512
+#endif  // LSTM_JAX_SIMD
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> xproj, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
                    ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> h_all,
@@ -491,9 +549,9 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> xproj, ffi::Buffer<ffi::F32> w, ffi::Bu
   if (bf16 && !(LSTM_JAX_HAVE_BF16 && H % 16 == 0))
     return ffi::Error::InvalidArgument("lstm_jax native kernel: bfloat16 needs AVX512-BF16 and "
                                        "hidden_size a multiple of 16");
-#if LSTM_JAX_AVX512
-  if (H % 16 == 0) {
-    forward_avx512(xproj.typed_data(), w.typed_data(), hs, cs, a, T, B, H, std::max(threads, 1),
+#if LSTM_JAX_SIMD
+  if (H % kW == 0) {
+    forward_simd(xproj.typed_data(), w.typed_data(), hs, cs, a, T, B, H, std::max(threads, 1),
                    bf16);
     return ffi::Error::Success();
   }
@@ -527,9 +585,9 @@ ffi::Error Backward(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> c_all,
   if (bf16 && !(LSTM_JAX_HAVE_BF16 && H % 16 == 0))
     return ffi::Error::InvalidArgument("lstm_jax native kernel: bfloat16 needs AVX512-BF16 and "
                                        "hidden_size a multiple of 16");
-#if LSTM_JAX_AVX512
-  if (H % 16 == 0) {
-    backward_avx512(w.typed_data(), cs, a, dhs, dh_T.typed_data(), dg, dh0->typed_data(), dc, T,
+#if LSTM_JAX_SIMD
+  if (H % kW == 0) {
+    backward_simd(w.typed_data(), cs, a, dhs, dh_T.typed_data(), dg, dh0->typed_data(), dc, T,
                     B, H, std::max(threads, 1), bf16);
     return ffi::Error::Success();
   }

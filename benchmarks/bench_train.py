@@ -16,9 +16,11 @@ Variants (cumulative, as in the performance issue):
   plain_dev    autodiff backward + malloc + devices (the "straightforward step" on all cores)
   devices_mt   devices, but the devices share a multi-threaded intra-op pool
   default_env_dev  custom + devices without malloc tuning
-  native       the native CPU recurrence (backward='native', = 'auto' in float32 on AVX-512) +
-               malloc + the host plan's devices; native_1dev / native_2dev: 1 device x 2 kernel
-               threads / 2 devices x 1; native_bf16: its bfloat16 recurrent matmuls
+  native       the native CPU recurrence (backward='native', = 'auto' in float32 on AVX-512/AVX2)
+               + malloc + the host plan's devices, as `lstm-jax train` runs it (the runs in
+               results/ before the AVX2 ones used one device per core at every shape: = native_2dev);
+               native_1dev / native_2dev: 1 device x 2 kernel threads / 2 devices x 1;
+               native_bf16: its bfloat16 recurrent matmuls, devices as native
   torch        PyTorch nn.LSTM as users run it (default environment)
   torch_malloc PyTorch with the same glibc malloc settings (MALLOC_* env vars)
 `--define NAME=BASE:JSON` adds ad-hoc variants (other mallopt settings, env vars, XLA flags, or
@@ -114,7 +116,8 @@ VARIANTS = {
     "devices_mt": dict(kind="jax", backward="custom", malloc=True, devices=0, dtype="float32",
                        single_threaded=False),
     # the native CPU recurrence (lstm_jax/native; what backward='auto' runs in float32 here): the
-    # host plan's devices (cores // devices kernel threads each), or one device with every core
+    # host plan's devices, as `lstm-jax train` (hostenv.recommended_cpu_devices: one per core up
+    # to hidden 384, else one; cores // devices kernel threads each), or 1 / 2 devices
     "native": dict(kind="jax", backward="native", malloc=True, devices=0, dtype="float32"),
     "native_1dev": dict(kind="jax", backward="native", malloc=True, devices=1, dtype="float32"),
     "native_2dev": dict(kind="jax", backward="native", malloc=True, devices=2, dtype="float32"),
@@ -205,6 +208,10 @@ def worker(spec: dict) -> None:
         applied = hostenv.tune_cpu_allocator(spec.get("mallopt") or None)
     import jax
     n_dev = spec["devices"]
+    if n_dev == 0 and spec.get("backward") == "native":
+        # as `lstm-jax train` runs it: the host plan's device count for this shape
+        wl = spec["workload"]
+        n_dev = hostenv.recommended_cpu_devices(wl["hidden"], wl["batch"], vocab_size=wl["vocab"])
     import hostbench
     hostbench.configure_cpu_devices(n_dev if n_dev else None,
                                     single_threaded_devices=spec.get("single_threaded", True))

@@ -125,7 +125,8 @@ def test_the_cli_says_what_it_chose_saves_it_and_a_resume_with_another_budget_ke
     line = [s for s in first.stdout.splitlines() if s.startswith("recipe: ")]
     assert len(line) == 1 and "epochs of 17,100 training chars" in line[0], first.stdout
     model = json.loads((workdir / "config.json").read_text())["model"]
-    assert model["hidden_size"] in (256, 512) and 0.25 <= model["dropout"] <= 0.5
+    # a small corpus read many times: dropout (how much depends on this host's rate)
+    assert model["hidden_size"] in (256, 512) and 0.1 <= model["dropout"] <= 0.5
     second = train_for(9)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "as chosen when this run started" in second.stdout

@@ -39,8 +39,9 @@ SMALL_MODEL_CHARS = 4e6      # below this many trained chars at hidden 512, hidd
 TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
 # Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16: x1.5 on
 # the native kernel, x1.2 on XLA's matmuls where AMX makes those the faster):
-# what the native kernel reaches at hidden 256-512 (benchmarks/results/train_cpu*.json).
-CPU_FLOPS_PER_CORE = {"avx512": 70e9, "avx2": 35e9, "other": 10e9}
+# what the native kernel reaches at hidden 256-512 (benchmarks/results/train_cpu*.json: 60-79
+# GFLOP/s per core on AVX-512, 25-29 on AVX2).
+CPU_FLOPS_PER_CORE = {"avx512": 70e9, "avx2": 28e9, "other": 10e9}
 ACCELERATOR_FLOPS = 20e12
 
 

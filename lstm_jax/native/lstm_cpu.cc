@@ -430,7 +430,7 @@ void forward_simd(const float* xproj, const float* w, float* hs, float* cs, floa
   Rhs rhs;
   rhs.K = H;
   if (bf16) {
-    wb = pack_bf16(w, 4 * H, H, panels, 64, false, col);
+    wb = pack_bf16(w, 4 * H, H, panels, 4 * kW, false, col);
     rhs.bf16 = wb.data();
     hp.resize(static_cast<size_t>(B * H / 2));
   } else {

@@ -152,11 +152,6 @@ def has_bf16() -> bool:
     return ok and bool(_load().lstm_jax_native_has_bf16())
 
 
-def has_avx512() -> bool:
-    """Whether the loaded kernel was built with the AVX-512 microkernel."""
-    return simd_width() == 16
-
-
 def simd_width() -> int:
     """Floats per vector of the loaded kernel's microkernel: 16 (AVX-512), 8 (AVX2 with FMA), or
     0 (none: every hidden size runs one sgemm per step)."""

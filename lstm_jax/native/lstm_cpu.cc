@@ -39,8 +39,7 @@
 #else
 #define LSTM_JAX_SIMD 0
 #endif
-#define LSTM_JAX_AVX512 (LSTM_JAX_SIMD == 16)
-#if LSTM_JAX_AVX512 && defined(__AVX512BF16__)
+#if LSTM_JAX_SIMD == 16 && defined(__AVX512BF16__)
 #define LSTM_JAX_HAVE_BF16 1
 #else
 #define LSTM_JAX_HAVE_BF16 0
@@ -63,7 +62,6 @@ extern "C" __attribute__((visibility("default"))) int lstm_jax_native_init(void*
 }
 
 extern "C" __attribute__((visibility("default"))) int lstm_jax_native_has_bf16() { return LSTM_JAX_HAVE_BF16; }
-extern "C" __attribute__((visibility("default"))) int lstm_jax_native_has_avx512() { return LSTM_JAX_AVX512; }
 extern "C" __attribute__((visibility("default"))) int lstm_jax_native_simd_width() { return LSTM_JAX_SIMD; }
 
 namespace {

@@ -76,15 +76,18 @@ def torch_step(wl: dict, threads: Optional[int] = None):
 
 
 def warm_up(step, min_time: float, sync=lambda out: None) -> tuple[float, int]:
-    """First-step seconds, and steps per timed repeat so that one repeat takes ~min_time."""
+    """First-step seconds, and steps per timed repeat so that one repeat takes ~min_time.
+
+    Each warm-up step is waited for: JAX dispatches asynchronously, so a loop that only
+    dispatched would keep queueing steps for 0.5 x min_time of dispatching, dozens of steps
+    (minutes at 2 x LSTM(1024)) before it knew how long one takes."""
     t0 = time.perf_counter()
     sync(step(0))
     first_s = time.perf_counter() - t0
-    t0, n_warm, out = time.perf_counter(), 0, None
+    t0, n_warm = time.perf_counter(), 0
     while n_warm < 3 or time.perf_counter() - t0 < 0.5 * min_time:
-        out = step(n_warm + 1)
+        sync(step(n_warm + 1))
         n_warm += 1
-    sync(out)
     per = (time.perf_counter() - t0) / n_warm
     return first_s, max(2, int(round(min_time / per)))
 

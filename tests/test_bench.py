@@ -1,6 +1,7 @@
 """`lstm-jax bench --quick`: the table, the JSON report (its figures consistent with the FLOP count
 and the peak), the PNG, and the PyTorch worker in the same rounds where torch is installed."""
 import json
+import time
 
 import pytest
 
@@ -59,3 +60,16 @@ def test_benchmarks_torch_baseline_drives_the_packages_harness():
     replies = [json.loads(line) for line in stdout.getvalue().splitlines()]
     assert [sorted(r) for r in replies[:2]] == [["t"], ["t"]] and calls[:6] == list(range(6))
     assert replies[2]["finished"] and replies[2]["loss"] == 2.5 and replies[2]["peak_rss_mb"] > 0
+
+
+def test_warm_up_waits_for_each_step_so_it_queues_no_more_than_it_needs():
+    """A step that returns at once and finishes later (JAX's asynchronous dispatch): warm-up
+    waits for each, so it runs 1 + 3 steps when those take longer than 0.5 x min_time, and sizes
+    a repeat from their real time. Fails if warm-up only dispatches in its loop: it then queues
+    thousands of steps before 0.5 x min_time has passed."""
+    calls = []
+    first_s, n = bench.warm_up(lambda k: calls.append(k) or k, 0.2,
+                               sync=lambda out: time.sleep(0.04))
+    assert calls == [0, 1, 2, 3]
+    assert first_s >= 0.04 and 3 <= n <= 5      # 0.2 s / ~0.04 s per step
+

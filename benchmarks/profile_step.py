@@ -6,7 +6,9 @@ model (LSTM(128), vocab 57, B=128, T=60, window objective; or the shape given by
 steps with `jax.profiler.trace(create_perfetto_trace=True)`, and sums the XLA:CPU thunk events by
 name. Each op is put in a group: the per-timestep matmuls inside the time loops (forward h @ W_hh,
 backward dgates @ W_hh.T), the one weight-gradient GEMM after the loop, the elementwise gate work
-inside the loops, the gradient all-reduce, and the rest. Times are summed over devices (with 2
+inside the loops, the native kernel's calls (where `auto` runs it: the whole recurrence, the
+matmuls and gates of every timestep, in one call per direction), the gradient all-reduce, and the
+rest. Times are summed over devices (with 2
 devices on 2 cores, a group's wall share is about its sum / 2).
 
     python benchmarks/profile_step.py --devices 1
@@ -202,6 +204,8 @@ def _group(name: str, calls: float, hlo: str, seq_len: int) -> str:
         return "while loop thunk (its inner ops are listed separately; not summed)"
     if name.startswith("all-reduce"):
         return "gradient all-reduce (incl. waiting for the other device)"
+    if _is_native(name, hlo):
+        return "native recurrence kernel (forward and backward, all timesteps)"
     is_dot = name.startswith(("ynn_fusion", "dot", "xnn_fusion")) and _is_dot(name, hlo)
     if is_dot and in_loop:
         return "per-timestep matmuls (inside loops)"
@@ -210,6 +214,11 @@ def _group(name: str, calls: float, hlo: str, seq_len: int) -> str:
     if in_loop:
         return "elementwise / slicing inside loops"
     return "other (loss, optimizer, scatter, copies)"
+
+
+def _is_native(name: str, hlo: str) -> bool:
+    m = re.search(rf"%{re.escape(name)} = [^\n]*", hlo)
+    return bool(m and "lstm_jax_native_" in m.group(0))
 
 
 def _is_dot(name: str, hlo: str) -> bool:

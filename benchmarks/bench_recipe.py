@@ -18,6 +18,9 @@ the text) at the last step, and at the kept best checkpoint.
 Corpora: the built-in pydoc text, Nietzsche (lowercased, as the Keras reference), and the Python
 standard library's own source (every .py file under sysconfig's stdlib path outside
 site-packages and test folders, joined into one file under --root: ~12 MB, 222 distinct chars).
+`--corpora NAME=PATH` adds a text file the recipe's rule was never measured on (a check that it
+holds beyond its three corpora): e.g. `vimdoc=/tmp/recipe/vimdoc.txt`, the Vim user manual
+(`cat /usr/share/vim/vim90/doc/usr_[0-9]*.txt`, 0.64 MB of English prose and commands, 117 chars).
 A run whose workdir already holds a finished run is skipped (--redo to run it again). Run it
 alone on the machine (flock -x /tmp/lstm_jax_cpu.lock).
 """
@@ -96,10 +99,25 @@ def search_point(name: str) -> list[str]:
     return flags
 
 
+def split_corpus(corpus: str) -> tuple[str, str]:
+    """(name, --config.corpus value) of a --corpora entry: one of CORPORA or NAME=PATH."""
+    name, _, path = corpus.partition("=")
+    if path:
+        if not pathlib.Path(path).is_file():
+            raise SystemExit(f"bench_recipe: no file {path!r} for the corpus {name!r}")
+        return name, path
+    if corpus not in CORPORA:
+        raise SystemExit(f"bench_recipe: unknown corpus {corpus!r}; use one of "
+                         f"{', '.join(CORPORA)} or NAME=PATH")
+    return corpus, corpus
+
+
 def arguments(root: pathlib.Path, corpus: str, recipe: str, minutes: float) -> list[str]:
+    name, path = split_corpus(corpus)
     source = {"builtin": ["--config.corpus=builtin"],
               "nietzsche": ["--config.corpus=nietzsche", "--config.lowercase=True"],
-              "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}[corpus]
+              "stdlib": [f"--config.corpus={stdlib_corpus(root)}"]}.get(
+                  name, [f"--config.corpus={path}"])
     variant = {"recipe": [], "previous": PREVIOUS}.get(recipe)
     if variant is None:
         variant = search_point(recipe)
@@ -118,7 +136,7 @@ def run(root: pathlib.Path, minutes: list[float], corpora: list[str], recipes: l
     for m in minutes:
         for corpus in corpora:
             for recipe in recipes:
-                name = name_of(corpus, recipe, m)
+                name = name_of(split_corpus(corpus)[0], recipe, m)
                 workdir = root / name
                 if finished(workdir) and not redo:
                     print(f"{name}: done already", flush=True)
@@ -194,8 +212,10 @@ def plot(record: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(CORPORA), figsize=(12, 3.8))
-    for ax, corpus in zip(axes, CORPORA):
+    extra = sorted({name.split("_", 1)[0] for name in record["runs"]} - set(CORPORA))
+    corpora = [*CORPORA, *extra]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(4 * len(corpora), 3.8))
+    for ax, corpus in zip(axes, corpora):
         for recipe, style in zip((*RECIPES, "uncapped"), ("o-", "s--", "^:")):
             points = sorted((r["time_budget_s"] / 60, r["final_val_text_loss"])
                             for name, r in record["runs"].items()
@@ -205,7 +225,7 @@ def plot(record: dict, path: pathlib.Path) -> None:
                          "previous": "previous recipe (LSTM(512), dropout 0.25, f32)",
                          "uncapped": "configs/recipe.py without its 20-epoch cap"}[recipe]
                 ax.plot(*zip(*points), style, label=label)
-        ax.set_title(TITLES[corpus], fontsize=9)
+        ax.set_title(TITLES.get(corpus, f"{corpus} (not used to set the rule)"), fontsize=9)
         ax.set_xlabel("wall-clock budget, minutes (2-core CPU; each run's host in the JSON)",
                       fontsize=8)
         ax.grid(alpha=0.3)

@@ -71,6 +71,9 @@ class Budget:
 
     def length(self, done: int, meter: "Meter", state, total: int) -> Optional[int]:
         if self.recheck is not None and done >= self.recheck[2]:
+            # The host dispatches steps ahead of the device: read the clock when they are done,
+            # or the rate since the first fix comes out high (by a few seconds' worth of steps).
+            jax.block_until_ready(state)
             return self._recheck(done, meter, total)
         if not self.pending:
             return None

@@ -72,4 +72,3 @@ def test_warm_up_waits_for_each_step_so_it_queues_no_more_than_it_needs():
                                sync=lambda out: time.sleep(0.04))
     assert calls == [0, 1, 2, 3]
     assert first_s >= 0.04 and 3 <= n <= 5      # 0.2 s / ~0.04 s per step
-

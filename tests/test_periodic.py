@@ -158,6 +158,30 @@ def test_the_budget_rechecks_once_at_the_wall_clock_rate_when_side_work_slows_th
     assert meter.elapsed() <= 100.0    # the end: inside the budget
 
 
+def test_the_recheck_reads_the_clock_after_the_dispatched_steps_are_done(monkeypatch):
+    """JAX dispatches steps ahead of the device, so at a step the host's clock can be seconds
+    short of when that step is done (here 3 s). Read then, the wall-clock rate since the first
+    fix comes out high, and a 10-minute run ended 6.5% past its budget. The recheck waits for
+    the state first, as the first fix does. Fails if it reads the clock without waiting."""
+    budget, meter = periodic.Budget(100.0, fixed=False), _Clock()
+    synced = meter.elapsed
+    meter.elapsed = lambda: synced() - meter.lag       # the host's clock, ahead of the device
+    monkeypatch.setattr(periodic.jax, "block_until_ready",
+                        lambda state: setattr(meter, "lag", 0.0) or state)
+    fixes = []
+    for done in range(1, 5000):
+        meter.t = 1.0 + 0.1 * done
+        meter.side = 0.1 * max(0, done - 57)         # after the fix: 1 s of side work per 10 steps
+        meter.lag = 3.0
+        n = budget.length(done, meter, None, total=fixes[-1][1] if fixes else 10_000)
+        if n is not None:
+            fixes.append((done, n))
+        if fixes and done >= fixes[-1][1]:
+            break
+    assert len(fixes) == 2 and budget.rate == pytest.approx(5.0, rel=0.01)
+    assert synced() <= 100.0
+
+
 def test_the_budget_never_lengthens_the_run_and_a_fixed_budget_does_nothing():
     budget, meter = periodic.Budget(1e6, fixed=False), _Clock()
     got = [budget.length(d, meter, None, total=1000) for d in range(1, 400)

@@ -110,6 +110,9 @@ def split_corpus(corpus: str) -> tuple[str, str]:
     """(name, --config.corpus value) of a --corpora entry: one of CORPORA or NAME=PATH."""
     name, _, path = corpus.partition("=")
     if path:
+        if name in CORPORA or not re.fullmatch(r"[a-z0-9]+", name):
+            raise SystemExit(f"bench_recipe: name the corpus at {path!r} with lowercase letters "
+                             f"and digits, not one of {', '.join(CORPORA)} (got {name!r})")
         if not pathlib.Path(path).is_file():
             raise SystemExit(f"bench_recipe: no file {path!r} for the corpus {name!r}")
         return name, path

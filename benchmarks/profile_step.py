@@ -216,14 +216,18 @@ def _group(name: str, calls: float, hlo: str, seq_len: int) -> str:
     return "other (loss, optimizer, scatter, copies)"
 
 
-def _is_native(name: str, hlo: str) -> bool:
+def _hlo_line(name: str, hlo: str) -> str:
+    """The compiled HLO's defining line of op `name` ('' if absent)."""
     m = re.search(rf"%{re.escape(name)} = [^\n]*", hlo)
-    return bool(m and "lstm_jax_native_" in m.group(0))
+    return m.group(0) if m else ""
+
+
+def _is_native(name: str, hlo: str) -> bool:
+    return "lstm_jax_native_" in _hlo_line(name, hlo)
 
 
 def _is_dot(name: str, hlo: str) -> bool:
-    m = re.search(rf"%{re.escape(name)} = [^\n]*", hlo)
-    return bool(m and "dot_general" in m.group(0)) or name.startswith("dot")
+    return "dot_general" in _hlo_line(name, hlo) or name.startswith("dot")
 
 
 if __name__ == "__main__":

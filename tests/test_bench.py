@@ -1,6 +1,7 @@
 """`lstm-jax bench --quick`: the table, the JSON report (its figures consistent with the FLOP count
 and the peak), the PNG, and the PyTorch worker in the same rounds where torch is installed."""
 import json
+import re
 import time
 
 import pytest
@@ -39,6 +40,24 @@ def test_bench_refuses_torch_on_without_torch(monkeypatch, tmp_path):
         cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "tiny.py"), "--quick",
                   "--vocab_size=30", "--torch=on", f"--out={tmp_path / 'b.json'}", "--noprogress"])
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--repeats=0", "--repeats=0: 0 is not a positive integer"),
+    ("--min_time=-1", "--min_time=-1"),
+    ("--sample_length=0", "--sample_length=0"),
+    ("--sample_rows=0,64", "--sample_rows must be positive row counts, got 0,64"),
+    ("--sample_rows=x", "--sample_rows must be positive row counts, got x"),
+])
+def test_bench_refuses_bad_numbers_before_it_runs_and_keeps_the_old_report(tmp_path, arg, message):
+    """A bad count next to an existing report: one line naming the flag, the report untouched.
+    Before, --repeats=0 ended in 'no median for empty data' after the runs, and --min_time=-1 ran."""
+    out = tmp_path / "b.json"
+    out.write_text('{"kept": true}')
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "tiny.py"),
+                  "--vocab_size=30", arg, f"--out={out}", "--noprogress"])
+    assert out.read_text() == '{"kept": true}'
 
 
 def test_benchmarks_torch_baseline_drives_the_packages_harness():

@@ -40,10 +40,10 @@ def bench(argv: Sequence[str]) -> int:
     flags.DEFINE_string("plot", None, "also draw the report to this PNG (needs matplotlib)", flag_values=fv)
     flags.DEFINE_integer("vocab_size", 0, "vocabulary size (default: the config corpus's)", flag_values=fv)
     flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"], "PyTorch nn.LSTM in the same interleaved rounds (auto: if installed)", flag_values=fv)
-    flags.DEFINE_integer("repeats", 5, "interleaved timed rounds", flag_values=fv)
-    flags.DEFINE_float("min_time", 1.0, "seconds per timed round and side", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved timed rounds", lower_bound=1, flag_values=fv)
+    flags.DEFINE_float("min_time", 1.0, "seconds per timed round and side (at least 2 steps)", lower_bound=0.0, flag_values=fv)
     flags.DEFINE_list("sample_rows", ["1", "1024", "4096"], "sampler rows to time", flag_values=fv)
-    flags.DEFINE_integer("sample_length", 200, "characters per sampled row", flag_values=fv)
+    flags.DEFINE_integer("sample_length", 200, "characters per sampled row", lower_bound=1, flag_values=fv)
     flags.DEFINE_bool("quick", False, "seconds-long smoke run: 1 short round, sampler at 1 and 64 rows of 16 chars", flag_values=fv)
     flags.DEFINE_bool("progress", True, "show a progress bar", flag_values=fv)
     common.define_common(fv)
@@ -53,7 +53,10 @@ def bench(argv: Sequence[str]) -> int:
     from lstm_jax import config as config_lib
     try:
         config_lib.validate(config)
-        rows = tuple(int(r) for r in fv["sample_rows"].value)
+        rows = tuple(int(r) if r.strip().isdigit() else 0 for r in fv["sample_rows"].value)
+        if not rows or min(rows) < 1:
+            raise ValueError(f"--sample_rows must be positive row counts, got "
+                             f"{','.join(fv['sample_rows'].value) or 'none'}")
     except ValueError as e:
         raise SystemExit(f"lstm-jax bench: {e}")
     vocab_size = fv["vocab_size"].value

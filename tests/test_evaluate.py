@@ -6,7 +6,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import config_file, tiny_config
 from lstm_jax import evaluate, periodic, train
 
 
@@ -28,6 +28,19 @@ def test_the_subset_is_fixed_bounded_and_drawn_from_the_whole_held_out_text():
     full = whole(state.params)
     assert small["val_chars"] == evaluate.Evaluator(plan, plan.graphdef, 2_000).chars < full["val_chars"]
     assert small["val_loss"] == pytest.approx(full["val_loss"], rel=0.05)   # untrained: ~ln V both
+
+
+def test_the_recipes_whole_evaluation_scores_each_held_out_char_once():
+    """configs/recipe.py's windows tile the held-out text (the end of a budgeted run evaluates it
+    whole twice: windows every 3 chars read it ~8 times over, most of that cost)."""
+    config = config_file("recipe", corpus="builtin", time_budget_s=60.0, val_fraction=0.01,
+                         **{"model.hidden_size": 32, "model.dropout": 0.0, "model.dtype": "float32"})
+    plan = train.plan_run(config)
+    val, w = np.asarray(plan.corpus.val_tokens), config.eval_window
+    assert len(plan.windows) == (len(val) - 1) // w <= config.eval_max_windows
+    np.testing.assert_array_equal(plan.windows[:, :-1].ravel(), val[:len(plan.windows) * w])
+    whole = evaluate.Evaluator(plan, plan.graphdef)
+    assert whole.chars <= 2 * (len(val) - 1)      # the windows' positions + the text's chars
 
 
 def test_a_budgeted_run_evaluates_a_subset_periodically_and_the_whole_text_at_the_end(

@@ -1,5 +1,6 @@
 """Quality per minute: configs/recipe.py against the previous fixed recipe, each run budgeted in
-wall time, on three corpora; into benchmarks/results/recipe_cpu.json and .png.
+wall time, on three corpora; into benchmarks/results/recipe_cpu.json and .png (`--results
+recipe_cpu_avx2`: another file, for runs on a host whose rates differ, compared on that host).
 
     python benchmarks/bench_recipe.py --root /tmp/recipe run --minutes 5,10   # runs, then summary
     python benchmarks/bench_recipe.py --root /tmp/recipe summary              # JSON + PNG only
@@ -44,8 +45,8 @@ CORPORA = ("builtin", "nietzsche", "stdlib")
 RECIPES = ("recipe", "previous")
 PREVIOUS = ["--config.model.hidden_size=512", "--config.model.dropout=0.25",
             "--config.model.dtype=float32", "--config.num_epochs=1000"]
-# What a reader of results/recipe_cpu.json needs to know about how its runs were made.
-NOTES = [
+# What a reader of each results file needs to know about how its runs were made.
+NOTES = {"recipe_cpu": [
     "The 5-minute builtin and Nietzsche 'recipe' runs ran as the search point dropout0.25 "
     "(--config.model.dropout=0.25, hidden and dtype chosen by the recipe): after them the rule "
     "was changed to choose 0.25 there, and their workdirs were renamed; the 'dropout0.5' runs "
@@ -60,13 +61,22 @@ NOTES = [
     "The 15-minute builtin and Nietzsche recipe runs ran before the periodic evaluations were "
     "sized to the run's length rather than its budget (their side share: 12.8% and 10.9%); the "
     "10-minute ones ran after it: the same 20 epochs, the same final loss, less side work.",
-    "The vimdoc runs (the Vim user manual, a text the rule was not measured on: --corpora "
-    "vimdoc=PATH) ran in a later session on an AVX2-only AMD EPYC host: no bfloat16 there, so "
-    "the recipe runs float32 on the native kernel, at about 40% of the AVX-512 hosts' float32 "
-    "rate. 'hidden_size256' is the recipe with LSTM(256) forced (dropout chosen by the rule).",
+    "The runs on an AVX2-only host (the Vim user manual's, and same-host comparisons of the "
+    "three corpora) are in recipe_cpu_avx2.json.",
+], "recipe_cpu_avx2": [
+    "All runs on an AVX2-only AMD EPYC host (2 cores, no AVX-512, no bfloat16): every recipe runs "
+    "float32 on the native kernel, at about 40% of the AVX-512 hosts' rate, so the rule's "
+    "choices differ from recipe_cpu.json's.",
+    "The vimdoc runs are the Vim user manual (--corpora vimdoc=PATH), a text the rule was not "
+    "measured on. 'hidden_size256' is the recipe with LSTM(256) forced (dropout chosen by the "
+    "rule): at 10 minutes it is what the rule chooses since SMALL_MODEL_CHARS is 6M (it chose "
+    "LSTM(512) at 4M: the vimdoc_recipe_10min run).",
     "'vimdoc_previous-recheckfix_5min' is vimdoc_previous_5min again after the budget's recheck "
     "waits for the dispatched steps (periodic.Budget): it ends inside the budget (290 s, was 313).",
-]
+    "The runs other than vimdoc's 5- and 10-minute ones ran after configs/recipe.py's evaluation "
+    "windows tile the held-out text (eval_stride = eval_window): the two whole evaluations that "
+    "end a run cost about a quarter of what they did.",
+]}
 CPU = hostbench.describe().get("cpu_model", os.uname().machine)   # recorded with each run
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",
           "stdlib": "stdlib source (12 MB)",
@@ -84,6 +94,13 @@ def stdlib_corpus(root: pathlib.Path) -> pathlib.Path:
         root.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def results_name(name: str) -> str:
+    if not re.fullmatch(r"recipe_[a-z0-9_]+", name):
+        raise argparse.ArgumentTypeError(f"name the results file recipe_SOMETHING, in lowercase "
+                                         f"letters, digits and '_' (got {name!r})")
+    return name
 
 
 def name_of(corpus: str, recipe: str, minutes: float) -> str:
@@ -195,21 +212,22 @@ def result(workdir: pathlib.Path) -> dict:
     }
 
 
-def summary(root: pathlib.Path) -> dict:
-    record = {"command": "python benchmarks/bench_recipe.py run --minutes ...",
+def summary(root: pathlib.Path, results: str = "recipe_cpu") -> dict:
+    record = {"command": f"python benchmarks/bench_recipe.py run --results {results} --minutes ...",
               "metric": "val_text_loss: nats/char over the whole held-out text (last 5%), state "
                         "carried; final = last step, best = the kept best checkpoint",
-              "host": f"{os.cpu_count()} cores, {os.uname().machine}", "notes": NOTES, "runs": {}}
+              "host": f"{os.cpu_count()} cores, {os.uname().machine}",
+              "notes": NOTES.get(results, []), "runs": {}}
     # Runs kept from earlier roots (other sessions) stay; a workdir here replaces its namesake.
-    previous = RESULTS / "recipe_cpu.json"
+    previous = RESULTS / f"{results}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else {}
     for workdir in sorted(root.iterdir()):
         if workdir.is_dir() and finished(workdir) and workdir.name.endswith("min"):
             runs[workdir.name] = result(workdir)
     record["runs"] = dict(sorted(runs.items()))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recipe_cpu.json").write_text(json.dumps(record, indent=1))
-    plot(record, RESULTS / "recipe_cpu.png")
+    (RESULTS / f"{results}.json").write_text(json.dumps(record, indent=1))
+    plot(record, RESULTS / f"{results}.png")
     print(f"{'run':28s} {'final':>7s} {'best':>7s} {'wall s':>7s} {'side':>6s} {'chars/s':>8s}  chosen")
     for name, r in record["runs"].items():
         print(f"{name:28s} {r['final_val_text_loss']:7.4f} {r['best_val_text_loss']:7.4f} "
@@ -222,18 +240,20 @@ def plot(record: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    extra = sorted({name.split("_", 1)[0] for name in record["runs"]} - set(CORPORA))
-    corpora = [*CORPORA, *extra]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(4 * len(corpora), 3.8))
+    present = {name.split("_", 1)[0] for name in record["runs"]}
+    corpora = [c for c in CORPORA if c in present] + sorted(present - set(CORPORA))
+    fig, axes = plt.subplots(1, len(corpora), figsize=(4 * len(corpora), 3.8), squeeze=False)
+    axes = axes[0]
     for ax, corpus in zip(axes, corpora):
-        for recipe, style in zip((*RECIPES, "uncapped"), ("o-", "s--", "^:")):
+        for recipe, style in zip((*RECIPES, "uncapped", "hidden_size256"), ("o-", "s--", "^:", "d-.")):
             points = sorted((r["time_budget_s"] / 60, r["final_val_text_loss"])
                             for name, r in record["runs"].items()
                             if name.startswith(f"{corpus}_{recipe}_"))
             if points:
                 label = {"recipe": "configs/recipe.py",
                          "previous": "previous recipe (LSTM(512), dropout 0.25, f32)",
-                         "uncapped": "configs/recipe.py without its 20-epoch cap"}[recipe]
+                         "uncapped": "configs/recipe.py without its 20-epoch cap",
+                         "hidden_size256": "configs/recipe.py with LSTM(256) forced"}[recipe]
                 ax.plot(*zip(*points), style, label=label)
         ax.set_title(TITLES.get(corpus, f"{corpus} (not used to set the rule)"), fontsize=9)
         ax.set_xlabel("wall-clock budget, minutes (2-core CPU; each run's host in the JSON)",
@@ -254,13 +274,16 @@ def main(argv=None) -> int:
     ap.add_argument("--corpora", default=",".join(CORPORA))
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--redo", action="store_true", help="run again runs that finished")
+    ap.add_argument("--results", default="recipe_cpu", type=results_name,
+                    help="the results file's name under benchmarks/results (a host whose rates "
+                         "differ gets its own: recipe_cpu_avx2)")
     args = ap.parse_args(argv)
     root = pathlib.Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if args.what == "run":
         run(root, [float(m) for m in args.minutes.split(",")], args.corpora.split(","),
             args.recipes.split(","), args.redo)
-    summary(root)
+    summary(root, args.results)
     return 0
 
 

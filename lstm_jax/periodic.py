@@ -48,9 +48,12 @@ class Budget:
       one more compile of the step (the new schedule).
     The rate is measured after WARMUP steps (the first ones after compiling are slow), over at
     least PROBE steps and min(5% of the budget, 30 s). A quarter of the way through the steps
-    then left (a step count: every process rechecks at the same one), the length is fixed once more from the wall-clock rate since (steps per second of everything:
-    evaluations, checkpoints and logging included), which corrects the first estimate of the
-    side work. The processes of a run take the shortest length any of them measured. Saved with
+    then left (a step count: every process rechecks at the same one), the length is fixed once
+    more from the wall-clock rate since (steps per second of everything: evaluations,
+    checkpoints and logging included), which corrects the first estimate of the side work; the
+    end's evaluations are then costed at what the periodic ones since cost per char, where that
+    is less than the first fix's EVAL_CHAR_COST (a bound, and a large held-out text makes it a
+    large one). The processes of a run take the shortest length any of them measured. Saved with
     checkpoints, so a resume keeps it."""
     WARMUP, PROBE = 5, 30
     EVAL_SHARE = 0.05
@@ -68,6 +71,7 @@ class Budget:
         self.subset_chars: Optional[int] = None
         self.recheck: Optional[tuple[int, float, int]] = None   # (step, elapsed, step to recheck at)
         self.cap, self.end_s, self.rechecked = 0, 0.0, False
+        self.eval_at_fix = (0.0, 0)      # the meter's (eval seconds, chars) at the first fix
 
     def length(self, done: int, meter: "Meter", state, total: int) -> Optional[int]:
         if self.recheck is not None and done >= self.recheck[2]:
@@ -93,7 +97,7 @@ class Budget:
         char_s = 1.0 / (self.rate * meter.chars_per_step)      # seconds per trained char
         # seconds per evaluated char: as measured by the evaluations so far (their compile in:
         # an overestimate), else EVAL_CHAR_COST of a trained char
-        eval_s, eval_chars = getattr(meter, "eval_cost", (0.0, 0))
+        eval_s, eval_chars = self.eval_at_fix = getattr(meter, "eval_cost", (0.0, 0))
         eval_char_s = max(eval_s / eval_chars if eval_chars else 0.0, self.EVAL_CHAR_COST * char_s)
         end_s = 2 * self.full_eval_chars * eval_char_s
         # EVAL_SHARE of the run's wall time: the budget, or less where num_epochs / max_steps
@@ -117,6 +121,12 @@ class Budget:
         since, t0, _ = self.recheck
         self.recheck = None
         wall_rate = (done - since) / max(meter.elapsed() - t0, 1e-9)
+        # the end's two whole evaluations at the cost per char the evaluations since the first
+        # fix measured (their compiles in), where that is less than the first fix reserved
+        eval_s, eval_chars = getattr(meter, "eval_cost", (0.0, 0))
+        if eval_chars > self.eval_at_fix[1]:
+            measured = (eval_s - self.eval_at_fix[0]) / (eval_chars - self.eval_at_fix[1])
+            self.end_s = min(self.end_s, 2 * self.full_eval_chars * measured)
         left = self.budget_s - meter.elapsed() - self.end_s - meter.compile_s
         fits = done + int(max(0.0, left) * wall_rate)
         fits = -parallel.max_over_processes(-min(self.cap, max(done + 1, fits)))

@@ -158,6 +158,35 @@ def test_the_budget_rechecks_once_at_the_wall_clock_rate_when_side_work_slows_th
     assert meter.elapsed() <= 100.0    # the end: inside the budget
 
 
+def test_the_recheck_costs_the_end_at_what_the_periodic_evaluations_measured():
+    """The first fix reserves the end's two whole evaluations at EVAL_CHAR_COST of a trained char
+    (here 20 s of a 100 s budget: a large held-out text); the periodic evaluations after it cost
+    a fifth of that per char, so the recheck reserves 4 s and trains into the rest, still inside
+    the budget. Fails if the recheck keeps the first estimate (the run then ends 16 s early)."""
+    full, eval_every, per_char = 200_000, 100, 1e-5    # eval s per char: 0.1 of a trained char
+    budget = periodic.Budget(100.0, fixed=False, full_eval_chars=full, eval_every=eval_every)
+    meter = _Clock()
+    meter.eval_cost = (0.0, 0)
+    fixes = []
+    for done in range(1, 5000):
+        meter.t = 1.0 + 0.1 * done                  # 10 steps/s of 1,000 chars
+        n = budget.length(done, meter, None, total=fixes[-1][1] if fixes else 10_000)
+        if n is not None:
+            fixes.append((done, n, meter.elapsed()))
+            meter.side += meter.compile_s            # the step compiled for the new length
+        if done % eval_every == 0 and fixes:        # the periodic evaluations, on the subset
+            s, c = meter.eval_cost
+            meter.eval_cost = (s + budget.subset_chars * per_char, c + budget.subset_chars)
+            meter.side += budget.subset_chars * per_char
+        if fixes and done >= fixes[-1][1]:
+            break
+    (d1, n1, t1), (d2, n2, t2) = fixes
+    assert budget.end_s == pytest.approx(2 * full * per_char)
+    wall_rate = (d2 - d1) / (t2 - t1)
+    assert n2 == d2 + int((100.0 - t2 - budget.end_s - meter.compile_s) * wall_rate)
+    assert n2 > n1 and meter.elapsed() + 2 * full * per_char <= 100.0
+
+
 def test_the_recheck_reads_the_clock_after_the_dispatched_steps_are_done(monkeypatch):
     """JAX dispatches steps ahead of the device, so at a step the host's clock can be seconds
     short of when that step is done (here 3 s). Read then, the wall-clock rate since the first

@@ -68,9 +68,13 @@ NOTES = {"recipe_cpu": [
     "float32 on the native kernel, at about 40% of the AVX-512 hosts' rate, so the rule's "
     "choices differ from recipe_cpu.json's.",
     "The vimdoc runs are the Vim user manual (--corpora vimdoc=PATH), a text the rule was not "
-    "measured on. 'hidden_size256' is the recipe with LSTM(256) forced (dropout chosen by the "
-    "rule): at 10 minutes it is what the rule chooses since SMALL_MODEL_CHARS is 6M (it chose "
-    "LSTM(512) at 4M: the vimdoc_recipe_10min run).",
+    "set on. 'hidden_size256' is the recipe with LSTM(256) forced (dropout chosen by the rule): "
+    "at 10 and 15 minutes it is what the rule chooses since it counts epochs at LSTM(512) "
+    "(BIG_MODEL_EPOCHS); the 'recipe' runs at 10 minutes are the earlier rule's LSTM(512).",
+    "'stdlib_hidden_size256-perturbed_10min' had a 22-s test run beside it on the same 2 cores "
+    "during its budget recheck, which then measured a low rate and ended the run at 527 s; "
+    "stdlib_hidden_size256_10min is the same run again, alone, after the recheck also costs the "
+    "end's evaluations at what the periodic ones measured (periodic.Budget).",
     "'vimdoc_previous-recheckfix_5min' is vimdoc_previous_5min again after the budget's recheck "
     "waits for the dispatched steps (periodic.Budget): it ends inside the budget (290 s, was 313).",
     "The runs other than vimdoc's 5- and 10-minute ones ran after configs/recipe.py's evaluation "

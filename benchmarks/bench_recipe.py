@@ -249,7 +249,8 @@ def plot(record: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(corpora), figsize=(4 * len(corpora), 3.8), squeeze=False)
     axes = axes[0]
     for ax, corpus in zip(axes, corpora):
-        for recipe, style in zip((*RECIPES, "uncapped", "hidden_size256"), ("o-", "s--", "^:", "d-.")):
+        for recipe, style, color in zip((*RECIPES, "uncapped", "hidden_size256"),
+                                        ("o-", "s--", "^:", "d-."), ("C0", "C1", "C2", "C3")):
             points = sorted((r["time_budget_s"] / 60, r["final_val_text_loss"])
                             for name, r in record["runs"].items()
                             if name.startswith(f"{corpus}_{recipe}_"))
@@ -258,10 +259,12 @@ def plot(record: dict, path: pathlib.Path) -> None:
                          "previous": "previous recipe (LSTM(512), dropout 0.25, f32)",
                          "uncapped": "configs/recipe.py without its 20-epoch cap",
                          "hidden_size256": "configs/recipe.py with LSTM(256) forced"}[recipe]
-                ax.plot(*zip(*points), style, label=label)
+                ax.plot(*zip(*points), style, color=color, label=label)
         ax.set_title(TITLES.get(corpus, f"{corpus} (not used to set the rule)"), fontsize=9)
         ax.set_xlabel("wall-clock budget, minutes (2-core CPU; each run's host in the JSON)",
                       fontsize=8)
+        ax.set_xlim(0, 16)
+        ax.set_xticks([2, 5, 10, 15])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out loss at the end, nats/char")

@@ -246,6 +246,13 @@ def summary(root: pathlib.Path, results: str = "recipe_cpu") -> dict:
     return record
 
 
+# The runs drawn as lines (name between corpus and budget: style, colour, legend); others are not.
+LINES = {"recipe": ("o-", "C0", "configs/recipe.py"),
+         "previous": ("s--", "C1", "previous recipe (LSTM(512), dropout 0.25, f32)"),
+         "uncapped": ("^:", "C2", "configs/recipe.py without its 20-epoch cap"),
+         "hidden_size256": ("d-.", "C3", "configs/recipe.py with LSTM(256) forced")}
+
+
 def plot(record: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -255,16 +262,11 @@ def plot(record: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(corpora), figsize=(4 * len(corpora), 3.8), squeeze=False)
     axes = axes[0]
     for ax, corpus in zip(axes, corpora):
-        for recipe, style, color in zip((*RECIPES, "uncapped", "hidden_size256"),
-                                        ("o-", "s--", "^:", "d-."), ("C0", "C1", "C2", "C3")):
+        for recipe, (style, color, label) in LINES.items():
             points = sorted((r["time_budget_s"] / 60, r["final_val_text_loss"])
                             for name, r in record["runs"].items()
                             if name.startswith(f"{corpus}_{recipe}_"))
             if points:
-                label = {"recipe": "configs/recipe.py",
-                         "previous": "previous recipe (LSTM(512), dropout 0.25, f32)",
-                         "uncapped": "configs/recipe.py without its 20-epoch cap",
-                         "hidden_size256": "configs/recipe.py with LSTM(256) forced"}[recipe]
                 ax.plot(*zip(*points), style, color=color, label=label)
         ax.set_title(TITLES.get(corpus, f"{corpus} (not used to set the rule)"), fontsize=9)
         ax.set_xlabel("wall-clock budget, minutes (2-core CPU; each run's host in the JSON)",

@@ -70,7 +70,13 @@ NOTES = {"recipe_cpu": [
     "The vimdoc runs are the Vim user manual (--corpora vimdoc=PATH), a text the rule was not "
     "set on. 'hidden_size256' is the recipe with LSTM(256) forced (dropout chosen by the rule): "
     "at 10 and 15 minutes it is what the rule chooses since it counts epochs at LSTM(512) "
-    "(BIG_MODEL_EPOCHS); the 'recipe' runs at 10 minutes are the earlier rule's LSTM(512).",
+    "(BIG_MODEL_EPOCHS = 11 then); the 'recipe' runs at 10 minutes are the earlier rule's "
+    "LSTM(512).",
+    "'hidden_size384' is the recipe with LSTM(384) forced (dropout chosen by the rule): it is what "
+    "the rule chooses since it picks the largest of 256, 384 and 512 read at least 13 times "
+    "(MODEL_EPOCHS) where the estimate reads 384 that often: pydoc and Nietzsche at 10 minutes, "
+    "Nietzsche and the Vim manual at 15. Since then the rule's choice at 15 minutes of pydoc is "
+    "LSTM(512) with dropout 0.25, the previous recipe's settings: builtin_previous_15min is both.",
     "'stdlib_hidden_size256-perturbed_10min' had a 22-s test run beside it on the same 2 cores "
     "during its budget recheck, which then measured a low rate and ended the run at 527 s; "
     "stdlib_hidden_size256_10min is the same run again, alone, after the recheck also costs the "
@@ -250,7 +256,8 @@ def summary(root: pathlib.Path, results: str = "recipe_cpu") -> dict:
 LINES = {"recipe": ("o-", "C0", "configs/recipe.py"),
          "previous": ("s--", "C1", "previous recipe (LSTM(512), dropout 0.25, f32)"),
          "uncapped": ("^:", "C2", "configs/recipe.py without its 20-epoch cap"),
-         "hidden_size256": ("d-.", "C3", "configs/recipe.py with LSTM(256) forced")}
+         "hidden_size256": ("d-.", "C3", "configs/recipe.py with LSTM(256) forced"),
+         "hidden_size384": ("v-.", "C4", "configs/recipe.py with LSTM(384) forced")}
 
 
 def plot(record: dict, path: pathlib.Path) -> None:

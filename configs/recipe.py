@@ -13,8 +13,9 @@ lowest whole-text val_text_bpc, which `sample` and `eval --step` should use when
 its best point.
 
 Chosen per run from the corpus size, the budget and the host (lstm_jax.recipe; the start-up line
-says what and why): the hidden size (on a CPU 512 where the budget reads the text at least 11
-times at that size, else 256, which reads it ~4x as often; accelerators 512), the dropout
+says what and why): the hidden size (on a CPU the largest of 256, 384 and 512 that the budget
+reads the text at least 13 times at: LSTM(256) reads it ~4x as often as LSTM(512); accelerators
+512), the dropout
 before the head (none for a corpus read about once, 0.25 for one read about twelve times, more
 beyond) and
 the matmul dtype (bfloat16 on CPUs with AVX512-BF16). Set any of them on the command line to

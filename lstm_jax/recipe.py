@@ -11,11 +11,12 @@ what it chose and why in one line. The rule, from the measured quality-per-minut
   unbounded); `epochs` is that over the training split;
 - dtype: bfloat16 on CPUs with AVX512-BF16 (the same loss as float32 over two Nietzsche epochs,
   more characters per second), float32 elsewhere;
-- hidden size on CPUs: 512 when the budget reads the training text at least
-  `BIG_MODEL_EPOCHS` times at 512, else 256. LSTM(256) trains ~4x the characters in the same
-  time: on a large corpus that is more text seen, and on a small one LSTM(512) read fewer
-  times than that had not caught up with it; past it LSTM(256) is at its epoch cap and the
-  bigger model wins. Accelerators: 512 (there the smaller model is not ~4x faster);
+- hidden size on CPUs: the largest of `HIDDEN_SIZES` (256, 384, 512) that the budget reads the
+  training text at least `MODEL_EPOCHS` times at (or `num_epochs`, if fewer), else 256. A
+  smaller model trains more characters in the same time (LSTM(256) ~4x LSTM(512)'s): on a
+  large corpus that is more text seen, and on a small one a bigger model read fewer times than
+  that had not caught up with the smaller one; past it the smaller model is at its epoch cap
+  and the bigger one wins. Accelerators: 512 (there the smaller model is not ~4x faster);
 - dropout before the head: none for about one epoch, rising with log2(epochs) (0.25 at about
   twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
   large one read once does not, and too much dropout slows a short run down;
@@ -38,7 +39,8 @@ import ml_collections
 from lstm_jax import flops, hostenv
 
 AUTO_HIDDEN, AUTO_DROPOUT, AUTO_DTYPE = 0, -1.0, "auto"
-BIG_MODEL_EPOCHS = 11        # CPU: hidden 512 from this many epochs of the training text at 512
+HIDDEN_SIZES = (256, 384, 512)   # on CPUs, the largest the budget reads MODEL_EPOCHS times
+MODEL_EPOCHS = 13            # epochs of the training text a bigger model needs to beat a smaller
 TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
 # Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16: x1.5 on
 # the native kernel, x1.2 on XLA's matmuls where AMX makes those the faster):
@@ -89,6 +91,16 @@ def choose_dropout(epochs: float) -> float:
     return round(min(0.5, 0.07 * math.log2(epochs)) * 20) / 20
 
 
+def choose_hidden(epochs_at: dict[int, float], platform: str, num_epochs: float) -> int:
+    """The hidden size for the epochs the budget reads at each of HIDDEN_SIZES: on a CPU the
+    largest read at least MODEL_EPOCHS times (num_epochs where that is fewer), else the smallest;
+    512 on accelerators."""
+    if platform != "cpu":
+        return 512
+    need = min(MODEL_EPOCHS, num_epochs)
+    return max((h for h in HIDDEN_SIZES if epochs_at[h] >= need), default=HIDDEN_SIZES[0])
+
+
 def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int, *,
             platform: Optional[str] = None, saved: Optional[dict] = None,
             flags: Optional[set[str]] = None, cores: Optional[int] = None) -> Optional[str]:
@@ -117,14 +129,16 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     if m.dtype == AUTO_DTYPE:
         m.dtype = choose_dtype(platform, flags)
     rate = host_rate(platform, m.dtype, flags, cores)
-    chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in (256, 512)}
+    chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in HIDDEN_SIZES}
     why_small = ""
     if m.hidden_size == AUTO_HIDDEN:
-        epochs_512 = chars_at[512] / max(train_chars, 1)
-        m.hidden_size = 512 if platform != "cpu" or epochs_512 >= BIG_MODEL_EPOCHS else 256
-        if m.hidden_size == 256:
-            why_small = (f"; hidden 512 would read it ~{epochs_512:,.1f} times, under the "
-                         f"{BIG_MODEL_EPOCHS} it needs to beat 256")
+        epochs_at = {h: chars / max(train_chars, 1) for h, chars in chars_at.items()}
+        m.hidden_size = choose_hidden(epochs_at, platform, config.num_epochs)
+        bigger = [h for h in HIDDEN_SIZES if h > m.hidden_size]
+        if platform == "cpu" and bigger:
+            need = min(MODEL_EPOCHS, config.num_epochs)
+            why_small = (f"; hidden {bigger[0]} would read it ~{epochs_at[bigger[0]]:,.1f} "
+                         f"times, under the {need:g} a bigger model needs")
     chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
                                                           m.num_layers, budget, rate)
     fits = chars / max(train_chars, 1)

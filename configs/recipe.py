@@ -14,7 +14,7 @@ its best point.
 
 Chosen per run from the corpus size, the budget and the host (lstm_jax.recipe; the start-up line
 says what and why): the hidden size (on a CPU the largest of 256, 384 and 512 that the budget
-reads the text at least 13 times at: LSTM(256) reads it ~4x as often as LSTM(512); accelerators
+reads the text at least 14 times at: LSTM(256) reads it ~4x as often as LSTM(512); accelerators
 512), the dropout
 before the head (none for a corpus read about once, 0.25 for one read about twelve times, more
 beyond) and

@@ -53,9 +53,12 @@ class Budget:
     checkpoints and logging included), which corrects the first estimate of the side work; the
     end's evaluations are then costed at what the periodic ones since cost per char, where that
     is less than the first fix's EVAL_CHAR_COST (a bound, and a large held-out text makes it a
-    large one). The processes of a run take the shortest length any of them measured. Saved with
-    checkpoints, so a resume keeps it."""
+    large one). Then twice more, each halfway through the steps then left, from the rate since
+    the recheck before: a host that slows down later in the run (a shared machine) would
+    otherwise overrun its budget. The processes of a run take the shortest length any of them measured.
+    Saved with checkpoints, so a resume keeps it."""
     WARMUP, PROBE = 5, 30
+    RECHECKS = 3
     EVAL_SHARE = 0.05
     EVAL_CHAR_COST = 0.5
 
@@ -71,6 +74,7 @@ class Budget:
         self.subset_chars: Optional[int] = None
         self.recheck: Optional[tuple[int, float, int]] = None   # (step, elapsed, step to recheck at)
         self.cap, self.end_s, self.rechecked = 0, 0.0, False
+        self.rechecks_left = self.RECHECKS
         self.eval_at_fix = (0.0, 0)      # the meter's (eval seconds, chars) at the first fix
 
     def length(self, done: int, meter: "Meter", state, total: int) -> Optional[int]:
@@ -119,7 +123,7 @@ class Budget:
 
     def _recheck(self, done: int, meter: "Meter", total: int) -> Optional[int]:
         since, t0, _ = self.recheck
-        self.recheck = None
+        self.recheck, self.rechecks_left = None, self.rechecks_left - 1
         wall_rate = (done - since) / max(meter.elapsed() - t0, 1e-9)
         # the end's two whole evaluations at the cost per char the evaluations since the first
         # fix measured (their compiles in), where that is less than the first fix reserved
@@ -130,6 +134,8 @@ class Budget:
         left = self.budget_s - meter.elapsed() - self.end_s - meter.compile_s
         fits = done + int(max(0.0, left) * wall_rate)
         fits = -parallel.max_over_processes(-min(self.cap, max(done + 1, fits)))
+        if self.rechecks_left > 0 and fits - done >= 4 * self.PROBE:
+            self.recheck = (done, meter.elapsed(), done + (fits - done) // 2)
         if abs(fits - total) <= 0.01 * total:
             return None      # within 1%: not worth a compile
         self.rate, self.rechecked = wall_rate, True

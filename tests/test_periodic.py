@@ -158,6 +158,25 @@ def test_the_budget_rechecks_once_at_the_wall_clock_rate_when_side_work_slows_th
     assert meter.elapsed() <= 100.0    # the end: inside the budget
 
 
+def test_a_host_that_slows_down_later_is_rechecked_until_the_end_fits():
+    """A shared host that slows to 2/3 of its speed halfway through (a 10-minute run ended 5.6%
+    past its budget so) is measured again halfway through the steps left after each recheck,
+    and the run still ends inside the budget. Fails with one recheck (RECHECKS = 1:
+    the run ends at 114 s) or two (107 s)."""
+    budget, meter = periodic.Budget(100.0, fixed=False), _Clock()
+    fixes = []
+    for done in range(1, 5000):
+        meter.t += 0.1 if done < 500 else 0.15       # 10 steps/s, then 6.7 from step 500
+        n = budget.length(done, meter, None, total=fixes[-1][1] if fixes else 10_000)
+        if n is not None:
+            fixes.append((done, n))
+            meter.side += meter.compile_s            # the step compiled for the new length
+        if fixes and done >= fixes[-1][1]:
+            break
+    assert fixes[-1][0] > 500 and fixes[-1][1] < fixes[0][1]
+    assert 95.0 <= meter.elapsed() <= 100.0
+
+
 def test_the_recheck_costs_the_end_at_what_the_periodic_evaluations_measured():
     """The first fix reserves the end's two whole evaluations at EVAL_CHAR_COST of a trained char
     (here 20 s of a 100 s budget: a large held-out text); the periodic evaluations after it cost
@@ -180,7 +199,7 @@ def test_the_recheck_costs_the_end_at_what_the_periodic_evaluations_measured():
             meter.side += budget.subset_chars * per_char
         if fixes and done >= fixes[-1][1]:
             break
-    (d1, n1, t1), (d2, n2, t2) = fixes
+    (d1, n1, t1), (d2, n2, t2) = fixes[:2]      # the first fix, the first recheck
     assert budget.end_s == pytest.approx(2 * full * per_char)
     wall_rate = (d2 - d1) / (t2 - t1)
     assert n2 == d2 + int((100.0 - t2 - budget.end_s - meter.compile_s) * wall_rate)

@@ -78,6 +78,10 @@ NOTES = {"recipe_cpu": [
     "the Vim manual at 15 (nietzsche_hidden_size384_10min, 13.6 estimated epochs, is why the "
     "threshold is 14, not 13). Since then the rule's choice at 15 minutes of pydoc is LSTM(512) "
     "with dropout 0.25, the previous recipe's settings: builtin_previous_15min is both.",
+    "nietzsche_hidden_size384_10min ended at 634 s of 600: the host slowed from ~16.5k to ~14.5k "
+    "chars/s after the budget's one recheck. builtin_previous_15min and the stdlib 15-minute runs "
+    "ran after the budget rechecks up to three times (periodic.Budget.RECHECKS); the other "
+    "hidden_size384 runs and nietzsche_previous_15min with one.",
     "'stdlib_hidden_size256-perturbed_10min' had a 22-s test run beside it on the same 2 cores "
     "during its budget recheck, which then measured a low rate and ended the run at 527 s; "
     "stdlib_hidden_size256_10min is the same run again, alone, after the recheck also costs the "

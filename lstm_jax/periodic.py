@@ -55,8 +55,8 @@ class Budget:
     is less than the first fix's EVAL_CHAR_COST (a bound, and a large held-out text makes it a
     large one). Then twice more, each halfway through the steps then left, from the rate since
     the recheck before: a host that slows down later in the run (a shared machine) would
-    otherwise overrun its budget. The processes of a run take the shortest length any of them measured.
-    Saved with checkpoints, so a resume keeps it."""
+    otherwise overrun its budget. The processes of a run take the shortest length any of them
+    measured. Saved with checkpoints, so a resume keeps it."""
     WARMUP, PROBE = 5, 30
     RECHECKS = 3
     EVAL_SHARE = 0.05

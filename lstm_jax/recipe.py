@@ -91,13 +91,11 @@ def choose_dropout(epochs: float) -> float:
     return round(min(0.5, 0.07 * math.log2(epochs)) * 20) / 20
 
 
-def choose_hidden(epochs_at: dict[int, float], platform: str, num_epochs: float) -> int:
+def choose_hidden(epochs_at: dict[int, float], platform: str, need: float) -> int:
     """The hidden size for the epochs the budget reads at each of HIDDEN_SIZES: on a CPU the
-    largest read at least MODEL_EPOCHS times (num_epochs where that is fewer), else the smallest;
-    512 on accelerators."""
+    largest read at least `need` times, else the smallest; 512 on accelerators."""
     if platform != "cpu":
         return 512
-    need = min(MODEL_EPOCHS, num_epochs)
     return max((h for h in HIDDEN_SIZES if epochs_at[h] >= need), default=HIDDEN_SIZES[0])
 
 
@@ -133,10 +131,10 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     why_small = ""
     if m.hidden_size == AUTO_HIDDEN:
         epochs_at = {h: chars / max(train_chars, 1) for h, chars in chars_at.items()}
-        m.hidden_size = choose_hidden(epochs_at, platform, config.num_epochs)
+        need = min(MODEL_EPOCHS, config.num_epochs)    # a run reads at most num_epochs
+        m.hidden_size = choose_hidden(epochs_at, platform, need)
         bigger = [h for h in HIDDEN_SIZES if h > m.hidden_size]
         if platform == "cpu" and bigger:
-            need = min(MODEL_EPOCHS, config.num_epochs)
             why_small = (f"; hidden {bigger[0]} would read it ~{epochs_at[bigger[0]]:,.1f} "
                          f"times, under the {need:g} a bigger model needs")
     chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,

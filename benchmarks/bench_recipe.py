@@ -43,7 +43,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CORPORA = ("builtin", "nietzsche", "stdlib")
 RECIPES = ("recipe", "previous")
-PREVIOUS = ["--config.model.hidden_size=512", "--config.model.dropout=0.25",
+PREVIOUS = ["--config.model.hidden_size=512", "--config.model.num_layers=1",
+            "--config.model.dropout=0.25",
             "--config.model.dtype=float32", "--config.num_epochs=1000"]
 # What a reader of each results file needs to know about how its runs were made.
 NOTES = {"recipe_cpu": [
@@ -227,7 +228,8 @@ def result(workdir: pathlib.Path) -> dict:
         "process_wall_s": float(wall.read_text()) if wall.exists() else None,
         **side,
         "chars_per_s_median": rates[len(rates) // 2] if rates else None,
-        "hidden": model["hidden_size"], "dropout": model["dropout"], "dtype": model["dtype"],
+        "hidden": model["hidden_size"], "layers": model["num_layers"],
+        "dropout": model["dropout"], "dtype": model["dtype"],
         "time_budget_s": config["time_budget_s"], "cpu": CPU,
         "anytime": [[e["elapsed_s"], round(e["val_text_loss"], 4), e["val_chars"]] for e in evals],
     }
@@ -253,7 +255,8 @@ def summary(root: pathlib.Path, results: str = "recipe_cpu") -> dict:
     for name, r in record["runs"].items():
         print(f"{name:28s} {r['final_val_text_loss']:7.4f} {r['best_val_text_loss']:7.4f} "
               f"{r['elapsed_s']:7.1f} {r['side_share']:6.1%} {r['chars_per_s_median']:8,.0f}  "
-              f"H{r['hidden']} d{r['dropout']:g} {r['dtype']}")
+              f"H{r['hidden']}{'x%d' % r['layers'] if r.get('layers', 1) > 1 else ''} "
+              f"d{r['dropout']:g} {r['dtype']}")
     return record
 
 
@@ -262,7 +265,8 @@ LINES = {"recipe": ("o-", "C0", "configs/recipe.py"),
          "previous": ("s--", "C1", "previous recipe (LSTM(512), dropout 0.25, f32)"),
          "uncapped": ("^:", "C2", "configs/recipe.py without its 20-epoch cap"),
          "hidden_size256": ("d-.", "C3", "configs/recipe.py with LSTM(256) forced"),
-         "hidden_size384": ("v-.", "C4", "configs/recipe.py with LSTM(384) forced")}
+         "hidden_size384": ("v-.", "C4", "configs/recipe.py with LSTM(384) forced"),
+         "hidden_size256+num_layers2": ("P-", "C5", "configs/recipe.py with 2 x LSTM(256) forced")}
 
 
 def plot(record: dict, path: pathlib.Path) -> None:

@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --- model ----------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
     c.model.hidden_size = 256      # LSTM units per layer (0: the recipe chooses, lstm_jax.recipe)
-    c.model.num_layers = 1         # stacked LSTM layers
+    c.model.num_layers = 1         # stacked LSTM layers (0: the recipe chooses)
     c.model.dropout = 0.0          # dropout between layers and before the head (training only;
                                    # -1: the recipe chooses)
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
@@ -197,7 +197,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "sample.length"]
     for name in positive:
         value = _get(config, name)
-        if name == "model.hidden_size" and value == 0:
+        if name in ("model.hidden_size", "model.num_layers") and value == 0:
             continue   # the recipe chooses it (lstm_jax.recipe)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

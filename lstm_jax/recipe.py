@@ -1,23 +1,24 @@
 """The recipe's choices that depend on the corpus, the time budget and the host.
 
-`configs/recipe.py` leaves three fields to this module: `model.hidden_size = 0`,
-`model.dropout = -1` and `model.dtype = "auto"`. `resolve(config, train_chars)` fills the ones
-still at those values (a value set on the command line wins) before anything is built, and says
-what it chose and why in one line. The rule, from the measured quality-per-minute runs
-(benchmarks/README.md, "Recipe"):
+`configs/recipe.py` leaves four fields to this module: `model.hidden_size = 0`,
+`model.num_layers = 0`, `model.dropout = -1` and `model.dtype = "auto"`. `resolve(config,
+train_chars)` fills the ones still at those values (a value set on the command line wins)
+before anything is built, and says what it chose and why in one line. The rule, from the
+measured quality-per-minute runs (benchmarks/README.md, "Recipe"):
 
 - how many characters the budget trains is estimated from the model's FLOPs per character and a
   rate for the host (CPU: cores x a per-core rate by instruction set; accelerators: effectively
   unbounded); `epochs` is that over the training split;
 - dtype: bfloat16 on CPUs with AVX512-BF16 (the same loss as float32 over two Nietzsche epochs,
   more characters per second), float32 elsewhere;
-- hidden size on CPUs: the largest of `HIDDEN_SIZES` (256, 384, 512) that the budget reads the
-  training text at least `MODEL_EPOCHS` times at (or `num_epochs`, if fewer), else 256. A
-  smaller model trains more characters in the same time (LSTM(256) ~4x LSTM(512)'s): on a
-  large corpus that is more text seen, and on a small one a bigger model read fewer times than
-  that had not caught up with the smaller one; past it the smaller model is at its epoch cap
-  and the bigger one wins. Accelerators: 512 (there the smaller model is not ~4x faster);
-- dropout before the head: none for about one epoch, rising with log2(epochs) (0.25 at about
+- the model on CPUs: the last of `MODELS` (LSTM(256), LSTM(384), two layers of 256, LSTM(512))
+  that the budget reads the training text at least `MODEL_EPOCHS` times at (or `num_epochs`, if
+  fewer), else LSTM(256). A cheaper model trains more characters in the same time (LSTM(256)
+  ~4x LSTM(512)'s): on a large corpus that is more text seen, and on a small one a dearer model
+  read fewer times than that had not caught up with the cheaper one; past it the cheaper model
+  is at its epoch cap and the dearer one wins. Accelerators: LSTM(512) (there the smaller
+  models are not ~4x faster);
+- dropout (between layers and before the head): none for about one epoch, rising with log2(epochs) (0.25 at about
   twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
   large one read once does not, and too much dropout slows a short run down;
 - epochs are at most `num_epochs` (configs/recipe.py: 20): on the small corpora the best
@@ -38,8 +39,10 @@ import ml_collections
 
 from lstm_jax import flops, hostenv
 
-AUTO_HIDDEN, AUTO_DROPOUT, AUTO_DTYPE = 0, -1.0, "auto"
-HIDDEN_SIZES = (256, 384, 512)   # on CPUs, the largest the budget reads MODEL_EPOCHS times
+AUTO_HIDDEN, AUTO_LAYERS, AUTO_DROPOUT, AUTO_DTYPE = 0, 0, -1.0, "auto"
+# On CPUs, (hidden, layers) from the cheapest per character (at small vocabularies) to the
+# dearest: the recipe takes the last one the budget reads MODEL_EPOCHS times.
+MODELS = ((256, 1), (384, 1), (256, 2), (512, 1))
 MODEL_EPOCHS = 14            # epochs of the training text a bigger model needs to beat a smaller
 TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
 # Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16: x1.5 on
@@ -52,7 +55,8 @@ ACCELERATOR_FLOPS = 20e12
 
 def is_auto(config: ml_collections.ConfigDict) -> bool:
     m = config.model
-    return m.hidden_size == AUTO_HIDDEN or m.dropout == AUTO_DROPOUT or m.dtype == AUTO_DTYPE
+    return (m.hidden_size == AUTO_HIDDEN or m.num_layers == AUTO_LAYERS
+            or m.dropout == AUTO_DROPOUT or m.dtype == AUTO_DTYPE)
 
 
 
@@ -91,12 +95,30 @@ def choose_dropout(epochs: float) -> float:
     return round(min(0.5, 0.07 * math.log2(epochs)) * 20) / 20
 
 
-def choose_hidden(epochs_at: dict[int, float], platform: str, need: float) -> int:
-    """The hidden size for the epochs the budget reads at each of HIDDEN_SIZES: on a CPU the
-    largest read at least `need` times, else the smallest; 512 on accelerators."""
-    if platform != "cpu":
-        return 512
-    return max((h for h in HIDDEN_SIZES if epochs_at[h] >= need), default=HIDDEN_SIZES[0])
+def candidates(hidden: int, layers: int, platform: str) -> tuple[tuple[int, int], ...]:
+    """The (hidden, layers) the recipe chooses from, in MODELS order, given what the user set
+    (AUTO_*: not set). On accelerators one layer of 512 (there the smaller models are not that
+    much faster). A hidden size set alone keeps one layer, as the recipe did before it chose
+    layers (so `--config.model.hidden_size=384` means what it meant); a layer count set alone
+    keeps the MODELS with that many, else LSTM(256)s."""
+    if platform != "cpu" or hidden != AUTO_HIDDEN:
+        return ((hidden or 512, layers or 1),)
+    if layers == AUTO_LAYERS:
+        return MODELS
+    return tuple(m for m in MODELS if m[1] == layers) or ((256, layers),)
+
+
+def choose_model(epochs_at: dict[tuple[int, int], float], need: float) -> tuple[int, int]:
+    """Of the candidates (`epochs_at`'s keys, cheapest first) the last the budget reads at
+    least `need` times, else the first."""
+    options = list(epochs_at)
+    return max((m for m in options if epochs_at[m] >= need), key=options.index,
+               default=options[0])
+
+
+def describe(hidden: int, layers: int) -> str:
+    """'hidden 384', or '2 layers of 256'."""
+    return f"hidden {hidden}" if layers == 1 else f"{layers} layers of {hidden}"
 
 
 def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int, *,
@@ -104,41 +126,43 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
             flags: Optional[set[str]] = None, cores: Optional[int] = None) -> Optional[str]:
     """Fills the auto fields of `config` in place; returns the one line that says what and why
     (None when nothing was auto). `saved`: a resumed run's config.json, whose choices win."""
+    m = config.model
+    if m.hidden_size != AUTO_HIDDEN and m.num_layers == AUTO_LAYERS:
+        m.num_layers = 1     # a hidden size set alone keeps one layer (see candidates)
     if not is_auto(config):
         return None
-    m = config.model
     # Checked first, resumed runs too: without a budget the recipe would train for num_epochs
     # (an upper bound, not a length).
     budget = config.time_budget_s
     if not budget or budget <= 0:
-        raise ValueError("the recipe (model.hidden_size=0, model.dropout=-1 or model.dtype="
-                         "'auto') chooses from the time budget; set time_budget_s, or set "
-                         "those fields yourself")
+        raise ValueError("the recipe (model.hidden_size=0, model.num_layers=0, model.dropout=-1 "
+                         "or model.dtype='auto') chooses from the time budget; set "
+                         "time_budget_s, or set those fields yourself")
     if saved is not None:
         model = saved.get("model", {})
-        for key, auto in (("hidden_size", AUTO_HIDDEN), ("dropout", AUTO_DROPOUT),
-                          ("dtype", AUTO_DTYPE)):
+        for key, auto in (("hidden_size", AUTO_HIDDEN), ("num_layers", AUTO_LAYERS),
+                          ("dropout", AUTO_DROPOUT), ("dtype", AUTO_DTYPE)):
             if m[key] == auto and key in model:
                 m[key] = model[key]
         if not is_auto(config):
-            return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}, as "
-                    f"chosen when this run started")
+            return (f"recipe: {describe(m.hidden_size, m.num_layers)}, dropout {m.dropout:g}, "
+                    f"{m.dtype}, as chosen when this run started")
     platform = platform or hostenv.guess_platform()
     if m.dtype == AUTO_DTYPE:
         m.dtype = choose_dtype(platform, flags)
     rate = host_rate(platform, m.dtype, flags, cores)
-    chars_at = {h: trained_chars(h, vocab_size, m.num_layers, budget, rate) for h in HIDDEN_SIZES}
     why_small = ""
-    if m.hidden_size == AUTO_HIDDEN:
-        epochs_at = {h: chars / max(train_chars, 1) for h, chars in chars_at.items()}
+    if m.hidden_size == AUTO_HIDDEN or m.num_layers == AUTO_LAYERS:
+        options = candidates(m.hidden_size, m.num_layers, platform)
+        epochs_at = {(h, n): trained_chars(h, vocab_size, n, budget, rate) / max(train_chars, 1)
+                     for h, n in options}
         need = min(MODEL_EPOCHS, config.num_epochs)    # a run reads at most num_epochs
-        m.hidden_size = choose_hidden(epochs_at, platform, need)
-        bigger = [h for h in HIDDEN_SIZES if h > m.hidden_size]
-        if platform == "cpu" and bigger:
-            why_small = (f"; hidden {bigger[0]} would read it ~{epochs_at[bigger[0]]:,.1f} "
+        m.hidden_size, m.num_layers = choose_model(epochs_at, need)
+        bigger = options[options.index((m.hidden_size, m.num_layers)) + 1:]
+        if bigger:
+            why_small = (f"; {describe(*bigger[0])} would read it ~{epochs_at[bigger[0]]:,.1f} "
                          f"times, under the {need:g} a bigger model needs")
-    chars = chars_at.get(m.hidden_size) or trained_chars(m.hidden_size, vocab_size,
-                                                          m.num_layers, budget, rate)
+    chars = trained_chars(m.hidden_size, vocab_size, m.num_layers, budget, rate)
     fits = chars / max(train_chars, 1)
     epochs = min(fits, config.num_epochs)     # num_epochs caps the run (configs/recipe.py: 20)
     if m.dropout == AUTO_DROPOUT:
@@ -147,8 +171,8 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     capped = (f"num_epochs={config.num_epochs} of {train_chars:,} training chars (the budget "
               f"fits ~{fits:,.1f}: the run ends early)" if fits > config.num_epochs else
               f"~{epochs:,.1f} epochs of {train_chars:,} training chars")
-    return (f"recipe: hidden {m.hidden_size}, dropout {m.dropout:g}, {m.dtype}: {budget:g} s "
-            f"trains ~{chars / 1e6:,.1f}M chars here ({where}), {capped}{why_small}")
+    return (f"recipe: {describe(m.hidden_size, m.num_layers)}, dropout {m.dropout:g}, {m.dtype}: "
+            f"{budget:g} s trains ~{chars / 1e6:,.1f}M chars here ({where}), {capped}{why_small}")
 
 
 def apply(config: ml_collections.ConfigDict, corpus, workdir=None,

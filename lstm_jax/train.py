@@ -79,8 +79,9 @@ class Plan:
 
 def plan_run(config: ml_collections.ConfigDict, corpus: Optional[data.Corpus] = None) -> Plan:
     if recipe.is_auto(config):
-        raise ValueError("model.hidden_size=0, model.dropout=-1 or model.dtype='auto' are the "
-                         "recipe's to choose: pass the config through recipe.apply first")
+        raise ValueError("model.hidden_size=0, model.num_layers=0, model.dropout=-1 or "
+                         "model.dtype='auto' are the recipe's to choose: pass the config "
+                         "through recipe.apply first")
     corpus = corpus if corpus is not None else data.load_corpus(config)
     n_dev = config.parallel.num_devices
     mesh = parallel.make_mesh(parallel.first_devices(n_dev) if n_dev else None)

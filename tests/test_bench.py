@@ -91,3 +91,16 @@ def test_warm_up_waits_for_each_step_so_it_queues_no_more_than_it_needs():
                                sync=lambda out: time.sleep(0.04))
     assert calls == [0, 1, 2, 3]
     assert first_s >= 0.04 and 3 <= n <= 5      # 0.2 s / ~0.04 s per step
+
+
+def test_bench_refuses_the_recipes_unchosen_model_in_one_line(tmp_path):
+    """configs/recipe.py leaves the model to a run's time budget: bench says which fields to set
+    (before, a raw 'model.hidden_size must be a positive integer, got 0' from the model)."""
+    out = tmp_path / "b.json"
+    out.write_text('{"kept": true}')
+    with pytest.raises(SystemExit, match="bench times one model, and the recipe chooses it .* set "
+                                         "model.hidden_size, model.num_layers"):
+        cli.main(["lstm-jax", "bench", "--config", str(REPO / "configs" / "recipe.py"),
+                  "--config.model.hidden_size=256", "--vocab_size=30", f"--out={out}",
+                  "--noprogress"])
+    assert out.read_text() == '{"kept": true}'

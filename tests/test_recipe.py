@@ -43,34 +43,63 @@ def test_a_corpus_read_about_once_gets_no_dropout_and_the_small_model_on_a_cpu()
     assert drops == sorted(drops) and drops[-1] == 0.5 and drops[0] == 0.0
 
 
-def test_the_model_is_the_largest_the_budget_reads_14_times():
+def _model(train_chars, budget_s, flags=AVX512_BF16, vocab=65, **overrides):
+    c = _recipe_config(time_budget_s=budget_s, **overrides)
+    recipe.resolve(c, train_chars, vocab, platform="cpu", flags=flags, cores=2)
+    return c.model.hidden_size, c.model.num_layers, c.model.dropout
+
+
+def test_the_model_is_the_last_the_budget_reads_14_times():
     """The measured cases on a 2-core AVX2 host (benchmarks/README.md, "Recipe"; the rule's
     estimated epochs): LSTM(512) read 7.7-11.6 times lost to a smaller model (Nietzsche, pydoc
     and the Vim manual at 10 minutes, Nietzsche and the Vim manual at 15) and won read 14.7
     times (pydoc at 15); LSTM(384) won read 17.1 times (pydoc at 10) and lost read 13.6
-    (Nietzsche at 10). So 10 minutes of the 0.6M-char Vim manual get 256 (384 would read it
-    ~12.5 times, the line says so) and 15 get 384; pydoc gets 384 at 10 and 512 at 15, Nietzsche
-    256 at 10. The stdlib source (12M chars) gets 256 on a CPU whatever the host."""
+    (Nietzsche at 10); two layers of 256 read 14.6 and 15.6 times beat LSTM(384) (the Vim
+    manual and Nietzsche at 15). So 10 minutes of the 0.6M-char Vim manual get 256 (384 would
+    read it ~12.5 times, the line says so) and 15 get two layers; pydoc gets 384 at 10 and 512
+    at 15, Nietzsche 256 at 10 and two layers at 15. The stdlib source (12M chars) gets 256 on
+    a CPU whatever the host."""
     avx2 = {"avx2"}
     hidden, dropout, dtype, line = _chosen(600_068, 600, flags=avx2, vocab=117)
     assert (hidden, dropout, dtype) == (256, 0.3, "float32")
     assert line.endswith("; hidden 384 would read it ~12.5 times, under the 14 a bigger model "
                          "needs"), line
-    assert _chosen(600_068, 900, flags=avx2, vocab=117)[:2] == (384, 0.3)
-    assert _chosen(600_068, 900, flags=avx2, vocab=117)[3].endswith(
-        "; hidden 512 would read it ~10.7 times, under the 14 a bigger model needs")
-    assert _chosen(441_870, 600, flags=avx2, vocab=103)[:2] == (384, 0.3)
-    assert _chosen(441_870, 900, flags=avx2, vocab=103)[:3] == (512, 0.25, "float32")
+    assert _model(600_068, 900, flags=avx2, vocab=117) == (256, 2, 0.25)
+    line = _chosen(600_068, 900, flags=avx2, vocab=117)[3]
+    assert line.startswith("recipe: 2 layers of 256, dropout 0.25, float32: 900 s trains ~"), line
+    assert line.endswith("; hidden 512 would read it ~10.7 times, under the 14 a bigger model "
+                         "needs"), line
+    assert _model(441_870, 600, flags=avx2, vocab=103) == (384, 1, 0.3)
+    assert _chosen(441_870, 600, flags=avx2, vocab=103)[3].endswith(
+        "; 2 layers of 256 would read it ~13.3 times, under the 14 a bigger model needs")
+    assert _model(441_870, 900, flags=avx2, vocab=103) == (512, 1, 0.25)
     assert "would read" not in _chosen(441_870, 900, flags=avx2, vocab=103)[3]
-    assert _chosen(570_849, 600, flags=avx2, vocab=57)[:2] == (256, 0.3)
-    assert _chosen(570_849, 900, flags=avx2, vocab=57)[:2] == (384, 0.3)
+    assert _model(570_849, 600, flags=avx2, vocab=57) == (256, 1, 0.3)
+    assert _model(570_849, 900, flags=avx2, vocab=57) == (256, 2, 0.3)
     for flags in (avx2, AVX512_BF16):
-        assert _chosen(11_512_068, 900, flags=flags, vocab=222)[0] == 256
-    # a faster host reads more: the Intel host gets 384 at 5 minutes of Nietzsche, 512 at 10
-    assert _chosen(570_849, 300, vocab=57)[:3] == (384, 0.3, "bfloat16")
-    assert _chosen(570_849, 600, vocab=57)[0] == 512
+        assert _model(11_512_068, 900, flags=flags, vocab=222)[:2] == (256, 1)
+    # a faster host reads more: the Intel host gets two layers at 5 minutes of Nietzsche, 512 at 10
+    assert _chosen(570_849, 300, vocab=57)[2] == "bfloat16"
+    assert _model(570_849, 300, vocab=57)[:2] == (256, 2)
+    assert _model(570_849, 600, vocab=57)[:2] == (512, 1)
     # a small num_epochs lowers the bar: what the run can read at most is all it needs
-    assert _chosen(600_068, 600, flags=avx2, vocab=117, num_epochs=5)[0] == 512
+    assert _model(600_068, 600, flags=avx2, vocab=117, num_epochs=5)[:2] == (512, 1)
+
+
+def test_what_the_user_sets_narrows_the_models():
+    """A hidden size set alone keeps one layer (the recipe's before it chose layers, so that
+    `hidden_size384` means what it meant); a layer count set alone chooses among the MODELS
+    with that many layers, else LSTM(256)s; both set leave nothing to choose but the rest."""
+    avx2 = {"avx2"}
+    assert _model(600_068, 900, flags=avx2, vocab=117, **{"model.hidden_size": 256}) == \
+        (256, 1, 0.3)
+    assert _model(600_068, 900, flags=avx2, vocab=117, **{"model.num_layers": 1})[:2] == (384, 1)
+    assert _model(600_068, 900, flags=avx2, vocab=117, **{"model.num_layers": 2})[:2] == (256, 2)
+    assert _model(600_068, 90, flags=avx2, vocab=117, **{"model.num_layers": 3})[:2] == (256, 3)
+    c = _recipe_config(time_budget_s=900, **{"model.num_layers": 2, "model.hidden_size": 384})
+    line = recipe.resolve(c, 600_068, 117, platform="cpu", flags=avx2, cores=2)
+    assert (c.model.hidden_size, c.model.num_layers) == (384, 2)
+    assert line.startswith("recipe: 2 layers of 384, dropout ") and "would read" not in line
 
 
 def test_a_budget_that_fits_more_than_num_epochs_ends_early_and_says_so():
@@ -90,6 +119,9 @@ def test_bfloat16_only_where_the_cpu_has_it_and_accelerators_get_the_big_model()
     assert _chosen(1_000_000, 600, flags={"avx2"})[2] == "float32"
     hidden, dropout, dtype, _ = _chosen(30_000_000, 60, platform="gpu")
     assert (hidden, dtype) == (512, "float32") and dropout > 0
+    c = _recipe_config(time_budget_s=60)
+    recipe.resolve(c, 30_000_000, 65, platform="gpu")
+    assert c.model.num_layers == 1
 
 
 def test_bfloat16_on_the_native_kernel_is_counted_faster():
@@ -112,7 +144,7 @@ def test_what_the_user_sets_wins():
 
 
 def test_a_resumed_run_keeps_the_choices_it_started_with():
-    saved = {"model": {"hidden_size": 256, "dropout": 0.3, "dtype": "float32"}}
+    saved = {"model": {"hidden_size": 256, "num_layers": 1, "dropout": 0.3, "dtype": "float32"}}
     c = _recipe_config(time_budget_s=3600.0)          # a longer budget would choose otherwise
     line = recipe.resolve(c, 1_000_000, 65, platform="cpu", flags=AVX512_BF16, saved=saved)
     assert (c.model.hidden_size, c.model.dropout, c.model.dtype) == (256, 0.3, "float32")
@@ -123,7 +155,7 @@ def test_no_budget_and_unresolved_plans_are_refused_in_one_line():
     c = _recipe_config(time_budget_s=0.0)
     with pytest.raises(ValueError, match="set time_budget_s, or set those fields yourself"):
         recipe.resolve(c, 1000, 65, platform="cpu", flags=AVX512_BF16)
-    saved = {"model": {"hidden_size": 256, "dropout": 0.3, "dtype": "float32"}}
+    saved = {"model": {"hidden_size": 256, "num_layers": 1, "dropout": 0.3, "dtype": "float32"}}
     with pytest.raises(ValueError, match="set time_budget_s"):    # resuming without one too
         recipe.resolve(_recipe_config(time_budget_s=0.0), 1000, 65, saved=saved)
     with pytest.raises(ValueError, match="pass the config through recipe.apply first"):
@@ -156,7 +188,8 @@ def test_the_cli_says_what_it_chose_saves_it_and_a_resume_with_another_budget_ke
     assert len(line) == 1 and "epochs of 17,100 training chars" in line[0], first.stdout
     model = json.loads((workdir / "config.json").read_text())["model"]
     # a small corpus read many times: dropout (how much depends on this host's rate)
-    assert model["hidden_size"] in recipe.HIDDEN_SIZES and 0.1 <= model["dropout"] <= 0.5
+    assert (model["hidden_size"], model["num_layers"]) in recipe.MODELS
+    assert 0.1 <= model["dropout"] <= 0.5
     second = train_for(9)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "as chosen when this run started" in second.stdout

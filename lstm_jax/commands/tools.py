@@ -51,8 +51,13 @@ def bench(argv: Sequence[str]) -> int:
     common.parse(fv, argv, "bench", common.config_help())
     config, debug = fv["config"].value, fv["debug"].value
     from lstm_jax import config as config_lib
+    from lstm_jax import recipe
     try:
         config_lib.validate(config)
+        if recipe.is_auto(config):
+            raise ValueError("bench times one model, and the recipe chooses it from a run's time "
+                             "budget: set model.hidden_size, model.num_layers, model.dropout and "
+                             "model.dtype (e.g. --config.model.hidden_size=256 ...)")
         rows = tuple(int(r) if r.strip().isdigit() else 0 for r in fv["sample_rows"].value)
         if not rows or min(rows) < 1:
             raise ValueError(f"--sample_rows must be positive row counts, got "

@@ -18,9 +18,10 @@ measured quality-per-minute runs (benchmarks/README.md, "Recipe"):
   read fewer times than that had not caught up with the cheaper one; past it the cheaper model
   is at its epoch cap and the dearer one wins. Accelerators: LSTM(512) (there the smaller
   models are not ~4x faster);
-- dropout (between layers and before the head): none for about one epoch, rising with log2(epochs) (0.25 at about
-  twelve epochs, 0.3 at about 24): a small corpus read many times over overfits LSTM(512), a
-  large one read once does not, and too much dropout slows a short run down;
+- dropout (between layers and before the head): none for about one epoch, rising with
+  log2(epochs) (0.25 at about twelve epochs, 0.3 at about 24): a small corpus read many times
+  over overfits LSTM(512), a large one read once does not, and too much dropout slows a short
+  run down;
 - epochs are at most `num_epochs` (configs/recipe.py: 20): on the small corpora the best
   held-out loss came well before the end of longer runs, so a budget that fits more ends early.
 
@@ -111,9 +112,8 @@ def candidates(hidden: int, layers: int, platform: str) -> tuple[tuple[int, int]
 def choose_model(epochs_at: dict[tuple[int, int], float], need: float) -> tuple[int, int]:
     """Of the candidates (`epochs_at`'s keys, cheapest first) the last the budget reads at
     least `need` times, else the first."""
-    options = list(epochs_at)
-    return max((m for m in options if epochs_at[m] >= need), key=options.index,
-               default=options[0])
+    read_enough = [m for m in epochs_at if epochs_at[m] >= need]
+    return read_enough[-1] if read_enough else next(iter(epochs_at))
 
 
 def describe(hidden: int, layers: int) -> str:

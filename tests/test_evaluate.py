@@ -34,7 +34,8 @@ def test_the_recipes_whole_evaluation_scores_each_held_out_char_once():
     """configs/recipe.py's windows tile the held-out text (the end of a budgeted run evaluates it
     whole twice: windows every 3 chars read it ~8 times over, most of that cost)."""
     config = config_file("recipe", corpus="builtin", time_budget_s=60.0, val_fraction=0.01,
-                         **{"model.hidden_size": 32, "model.dropout": 0.0, "model.dtype": "float32"})
+                         **{"model.hidden_size": 32, "model.num_layers": 1, "model.dropout": 0.0,
+                            "model.dtype": "float32"})
     plan = train.plan_run(config)
     val, w = np.asarray(plan.corpus.val_tokens), config.eval_window
     assert len(plan.windows) == (len(val) - 1) // w <= config.eval_max_windows

@@ -7,10 +7,10 @@ recipe_cpu_avx2`: another file, for runs on a host whose rates differ, compared 
 
 Every point is its own run: `lstm-jax train --config configs/recipe.py --config.time_budget_s=
 60*minutes` (the budget is the run's wall time, evaluations and checkpoints included), so each
-learning-rate schedule is sized to its budget. `recipe` is the config as shipped (the hidden size,
+learning-rate schedule is sized to its budget. `recipe` is the config as shipped (the model,
 dropout and dtype chosen by lstm_jax.recipe; its start-up line is kept in the run's log);
-`previous` pins the fixed choices of the recipe before it (LSTM(512), dropout 0.25, float32, no
-epoch cap: num_epochs 1000);
+`previous` pins the fixed choices of the recipe before it (one layer of 512, dropout 0.25,
+float32, no epoch cap: num_epochs 1000);
 a name like `dropout0.25`, `hidden_size1024` or `weight_decay1e-4+num_layers2` is the recipe with
 those fields set (a search point beside the two).
 The figure is the whole held-out text's loss in nats/char (val_text_loss: state carried across

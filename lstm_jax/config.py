@@ -200,7 +200,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if name in ("model.hidden_size", "model.num_layers") and value == 0:
             continue   # the recipe chooses it (lstm_jax.recipe)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            auto = (", or 0 for the recipe to choose" if name in ("model.hidden_size",
+                                                                  "model.num_layers") else "")
+            raise ValueError(f"{name} must be a positive integer{auto}, got {value!r}")
     if config.per_device_batch_size < 0 or (config.per_device_batch_size == 0 and config.batch_size <= 0):
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
     for name in ("max_steps", "time_budget_s", "eval_every", "checkpoint.every_steps", "sample.every_epochs"):

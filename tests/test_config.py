@@ -40,6 +40,8 @@ def test_the_default_config_validates_and_every_field_is_commented():
 @pytest.mark.parametrize("overrides, message", [
     ({"seq_len": 0}, r"seq_len must be a positive integer, got 0"),
     ({"model__hidden_size": 2.5}, r"model.hidden_size must be a positive integer"),
+    ({"model__num_layers": -1}, r"model.num_layers must be a positive integer, or 0 for the "
+                                r"recipe to choose, got -1"),
     ({"num_epochs": True}, r"num_epochs must be a positive integer, got True"),
     ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
     ({"max_steps": -1}, r"max_steps must be >= 0, got -1"),

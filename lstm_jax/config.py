@@ -197,11 +197,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "sample.length"]
     for name in positive:
         value = _get(config, name)
-        if name in ("model.hidden_size", "model.num_layers") and value == 0:
-            continue   # the recipe chooses it (lstm_jax.recipe)
+        recipe_chooses = name in ("model.hidden_size", "model.num_layers")   # lstm_jax.recipe
+        if recipe_chooses and value == 0:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            auto = (", or 0 for the recipe to choose" if name in ("model.hidden_size",
-                                                                  "model.num_layers") else "")
+            auto = ", or 0 for the recipe to choose" if recipe_chooses else ""
             raise ValueError(f"{name} must be a positive integer{auto}, got {value!r}")
     if config.per_device_batch_size < 0 or (config.per_device_batch_size == 0 and config.batch_size <= 0):
         raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")

@@ -99,9 +99,8 @@ def choose_dropout(epochs: float) -> float:
 def candidates(hidden: int, layers: int, platform: str) -> tuple[tuple[int, int], ...]:
     """The (hidden, layers) the recipe chooses from, in MODELS order, given what the user set
     (AUTO_*: not set). On accelerators one layer of 512 (there the smaller models are not that
-    much faster). A hidden size set alone keeps one layer, as the recipe did before it chose
-    layers (so `--config.model.hidden_size=384` means what it meant); a layer count set alone
-    keeps the MODELS with that many, else LSTM(256)s."""
+    much faster). A layer count set alone keeps the MODELS with that many, else LSTM(256)s (a
+    hidden size set alone has its one layer from `resolve` already)."""
     if platform != "cpu" or hidden != AUTO_HIDDEN:
         return ((hidden or 512, layers or 1),)
     if layers == AUTO_LAYERS:
@@ -128,7 +127,8 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     (None when nothing was auto). `saved`: a resumed run's config.json, whose choices win."""
     m = config.model
     if m.hidden_size != AUTO_HIDDEN and m.num_layers == AUTO_LAYERS:
-        m.num_layers = 1     # a hidden size set alone keeps one layer (see candidates)
+        m.num_layers = 1     # a hidden size set alone keeps one layer: `hidden_size384` means
+                             # what it meant before the recipe chose layers
     if not is_auto(config):
         return None
     # Checked first, resumed runs too: without a budget the recipe would train for num_epochs

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices (before JAX initialises), tiny configs, no network."""
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -11,12 +13,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("PJRT_NPROC", "16")
 # No persistent compilation cache in ~/.cache from tests (tests/test_compile_cache.py turns it on).
 os.environ.setdefault("LSTM_JAX_COMPILE_CACHE", "0")
+# Instead one for this test session, in a fresh temporary directory removed at its end: many tests
+# build the same small programs, in this process and in the `lstm-jax` processes they start
+# (which inherit the variables), and each is compiled once. A program is the same program from the
+# cache, so no test's result depends on it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    SESSION_XLA_CACHE = tempfile.mkdtemp(prefix="lstm_jax_tests_xla_")
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=SESSION_XLA_CACHE,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+else:
+    SESSION_XLA_CACHE = None
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SESSION_XLA_CACHE is not None:
+        shutil.rmtree(SESSION_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

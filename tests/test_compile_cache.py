@@ -31,7 +31,10 @@ def workdir(tmp_path_factory):
 
 
 def sample_hits(workdir, cache, *flags) -> int:
-    env = dict(os.environ, LSTM_JAX_CACHE_DIR=str(cache), LSTM_JAX_COMPILE_CACHE="1",
+    env = {k: v for k, v in os.environ.items()     # not the test session's cache (conftest.py)
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")}
+    env.update(LSTM_JAX_CACHE_DIR=str(cache), LSTM_JAX_COMPILE_CACHE="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", COUNT_HITS, "sample", "--workdir", str(workdir),
                            "--num_samples=2", "--length=20", *flags], capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (before JAX initialises), tiny configs, no network."""
+"""Test setup: 8 fake CPU devices (before JAX initialises), one XLA compilation cache per session,
+tiny configs, no network."""
 import os
 import pathlib
 import shutil

@@ -105,6 +105,10 @@ NOTES = {"recipe_cpu": [
     "run is a measurement. 'vimdoc_hidden_size256+num_layers2-seed1_15min' is the Vim run again "
     "with --config.seed=1 (run by hand: lstm-jax train with the same flags). The Vim manual was "
     "the text the rule was not set on until this change, which was tried on it first.",
+    "'builtin_hidden_size512+dropout0.35_15min' is the one lever pydoc's 15-minute curve pointed "
+    "at (LSTM(512) overfits there from about epoch 13); it lost. "
+    "'builtin_previous-seed1_15min' is the previous recipe again with --config.seed=1 (run by "
+    "hand: lstm-jax train with bench_recipe's PREVIOUS flags), the noise beside it.",
 ]}
 CPU = hostbench.describe().get("cpu_model", os.uname().machine)   # recorded with each run
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",

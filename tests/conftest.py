@@ -18,13 +18,12 @@ os.environ.setdefault("LSTM_JAX_COMPILE_CACHE", "0")
 # build the same small programs, in this process and in the `lstm-jax` processes they start
 # (which inherit the variables), and each is compiled once. A program is the same program from the
 # cache, so no test's result depends on it.
+SESSION_CACHE_VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
+SESSION_XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     SESSION_XLA_CACHE = tempfile.mkdtemp(prefix="lstm_jax_tests_xla_")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=SESSION_XLA_CACHE,
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-else:
-    SESSION_XLA_CACHE = None
+    os.environ.update(zip(SESSION_CACHE_VARIABLES, (SESSION_XLA_CACHE, "0", "0")))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, write_corpus
+from conftest import REPO, SESSION_CACHE_VARIABLES, write_corpus
 from lstm_jax import cli
 
 # Counts JAX's persistent-cache hits in the child, then runs `lstm-jax ARGS`.
@@ -31,9 +31,7 @@ def workdir(tmp_path_factory):
 
 
 def sample_hits(workdir, cache, *flags) -> int:
-    env = {k: v for k, v in os.environ.items()     # not the test session's cache (conftest.py)
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")}
+    env = {k: v for k, v in os.environ.items() if k not in SESSION_CACHE_VARIABLES}   # own cache only
     env.update(LSTM_JAX_CACHE_DIR=str(cache), LSTM_JAX_COMPILE_CACHE="1",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", COUNT_HITS, "sample", "--workdir", str(workdir),

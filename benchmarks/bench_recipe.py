@@ -45,7 +45,8 @@ CORPORA = ("builtin", "nietzsche", "stdlib")
 RECIPES = ("recipe", "previous")
 PREVIOUS = ["--config.model.hidden_size=512", "--config.model.num_layers=1",
             "--config.model.dropout=0.25",
-            "--config.model.dtype=float32", "--config.num_epochs=1000"]
+            "--config.model.dtype=float32", "--config.num_epochs=1000",
+            "--config.model.embed_scale=0"]
 # What a reader of each results file needs to know about how its runs were made.
 NOTES = {"recipe_cpu": [
     "The 5-minute builtin and Nietzsche 'recipe' runs ran as the search point dropout0.25 "

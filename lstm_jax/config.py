@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.0          # dropout between layers and before the head (training only;
                                    # -1: the recipe chooses)
     c.model.keras_init = False     # Keras initialisers (glorot / orthogonal) for parity runs
+    c.model.embed_scale = 0.0      # > 0: std of layer 0's input kernel (the characters'
+                                   # embeddings into the gates); 0: that layer's own init
     c.model.dtype = "float32"      # matmul compute dtype: float32 | bfloat16 (cell state stays
                                    # f32) | auto (the recipe chooses)
     c.model.param_dtype = "float32"   # parameter (and optimizer state) dtype
@@ -259,6 +261,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.param_dtype must be 'float32' or 'bfloat16', got "
                          f"{config.model.param_dtype!r}")
+    if not config.model.get("embed_scale", 0.0) >= 0.0:
+        raise ValueError(f"model.embed_scale must be >= 0 (0: the first layer's own init), got "
+                         f"{config.model.embed_scale!r}")
     if not (0.0 <= config.model.dropout < 1.0 or config.model.dropout == -1):
         raise ValueError(f"model.dropout must be in [0, 1), or -1 for the recipe to choose, got "
                          f"{config.model.dropout!r}")

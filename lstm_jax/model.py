@@ -39,6 +39,9 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.0
     keras_init: bool = False
+    embed_scale: float = 0.0      # > 0: layer 0's input kernel (one row per character, that
+                                  # character's embedding into the gates) drawn with this
+                                  # standard deviation; 0: the layer's own init
     dtype: str = "float32"        # compute dtype of the matmuls (cell state stays float32)
     param_dtype: str = "float32"
     backward: str = "auto"        # auto (native on CPU where measured faster, else custom) | native
@@ -51,6 +54,9 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not self.embed_scale >= 0.0:
+            raise ValueError(f"model.embed_scale must be >= 0 (0: the layer's own init), got "
+                             f"{self.embed_scale}")
         as_dtype(self.dtype), as_dtype(self.param_dtype)
         if self.backward not in BACKWARDS:
             raise ValueError(f"model.backward must be one of {', '.join(BACKWARDS)}, got "
@@ -63,7 +69,7 @@ class LSTMLayer(nnx.Module):
     """Parameters of one layer; the computation lives in `recurrence`."""
 
     def __init__(self, in_features: int, hidden_size: int, *, keras_init: bool, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, embed_scale: float = 0.0):
         h4 = 4 * hidden_size
         if keras_init:  # Keras LSTM: glorot_uniform kernel, orthogonal recurrent kernel
             kernel_init = nnx.initializers.glorot_uniform()
@@ -71,6 +77,12 @@ class LSTMLayer(nnx.Module):
         else:           # PyTorch-style U(-1/sqrt(H), 1/sqrt(H)) for both
             bound = hidden_size ** -0.5
             kernel_init = rec_init = _symmetric_uniform(bound)
+        if embed_scale > 0:
+            # One-hot input: one row feeds each step, so the fan-in that sets the scale is 1, not
+            # in_features. With U(+-1/sqrt(H)) the gates barely see which character came in and
+            # deep models sit at the unigram loss for hundreds of steps (benchmarks/README.md,
+            # "Embedding scale"); a unit scale is what an nn.Embedding in front would give.
+            kernel_init = _symmetric_uniform(embed_scale * 3 ** 0.5)   # std embed_scale
         self.kernel_in = nnx.Param(kernel_init(rngs.params(), (in_features, h4), param_dtype))
         self.kernel_rec = nnx.Param(rec_init(rngs.params(), (hidden_size, h4), param_dtype))
         # Forget-gate bias 1 (Keras unit_forget_bias=True; Jozefowicz et al. 2015) in both inits.
@@ -97,7 +109,8 @@ class CharLSTM(nnx.Module):
         sizes = [config.vocab_size] + [config.hidden_size] * config.num_layers
         self.layers = nnx.List([
             LSTMLayer(sizes[i], config.hidden_size, keras_init=config.keras_init,
-                      param_dtype=pdt, rngs=rngs)
+                      param_dtype=pdt, rngs=rngs,
+                      embed_scale=config.embed_scale if i == 0 else 0.0)
             for i in range(config.num_layers)
         ])
         head_init = nnx.initializers.glorot_uniform() if config.keras_init else \

@@ -275,6 +275,27 @@ def test_initialisation_follows_keras_or_pytorch_conventions(keras_init):
             assert not np.allclose(kernels[a], kernels[b]), "two kernels share their draw"
 
 
+
+@pytest.mark.parametrize("keras_init", [False, True])
+def test_embed_scale_sets_only_the_first_layers_input_kernel(keras_init):
+    """model.embed_scale s > 0: layer 0's input kernel (one row per character) is U(-s*sqrt(3),
+    s*sqrt(3)), standard deviation s, under either init; every other parameter keeps its own
+    init. Fails if the scale is read as a bound rather than a standard deviation, reaches a deeper
+    layer's input kernel or a recurrent kernel, or is ignored under keras_init."""
+    V, H, s = 57, 128, 1.0
+    cfg = ModelConfig(vocab_size=V, hidden_size=H, num_layers=2, keras_init=keras_init,
+                      embed_scale=s)
+    model = CharLSTM(cfg, rngs=nnx.Rngs(0))
+    _assert_uniform(model.layers[0].kernel_in[...], s * np.sqrt(3), "layers[0].kernel_in")
+    glorot = np.sqrt(6 / (H + 4 * H))
+    deep = glorot if keras_init else H ** -0.5
+    _assert_uniform(model.layers[1].kernel_in[...], deep, "layers[1].kernel_in")
+    if not keras_init:
+        _assert_uniform(model.layers[0].kernel_rec[...], H ** -0.5, "layers[0].kernel_rec")
+    with pytest.raises(ValueError, match="embed_scale"):
+        ModelConfig(vocab_size=V, embed_scale=-1.0)
+
+
 _DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<[0-9x]*x(\w+)>, tensor<[0-9x]*x(\w+)>\)"
                   r" -> tensor<[0-9x]*x(\w+)>")
 

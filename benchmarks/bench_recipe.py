@@ -110,6 +110,16 @@ NOTES = {"recipe_cpu": [
     "at (LSTM(512) overfits there from about epoch 13); it lost. "
     "'builtin_previous-seed1_15min' is the previous recipe again with --config.seed=1 (run by "
     "hand: lstm-jax train with bench_recipe's PREVIOUS flags), the noise beside it.",
+], "recipe_cpu_amx": [
+    "All runs on an Intel Xeon host (2 cores, AVX-512, AVX512-BF16, AMX: bfloat16 on XLA's "
+    "matmuls), in one session, after configs/recipe.py set model.embed_scale = 1 (unit-scale "
+    "character embeddings; the previous recipe pins 0, the init it had).",
+    "'hidden_size256+num_layers2' is the recipe with two layers of 256 forced (dropout chosen by "
+    "the rule): the rule's choice for pydoc and Nietzsche at every budget here since LSTM(512) "
+    "left recipe.MODELS; the 'recipe' runs of pydoc and Nietzsche at 5 and 10 minutes are the "
+    "rule before that (LSTM(512) at pydoc 5 and Nietzsche 10).",
+    "'nietzsche_previous_5min' is the host check: the previous recipe's 5-minute Nietzsche run "
+    "of recipe_cpu.json (an Intel Xeon host of an earlier session) again, here.",
 ]}
 CPU = hostbench.describe().get("cpu_model", os.uname().machine)   # recorded with each run
 TITLES = {"builtin": "pydoc (builtin, 0.46 MB)", "nietzsche": "Nietzsche (0.6 MB)",

@@ -12,9 +12,9 @@ with the run); the kept best checkpoint is the one with the lowest whole-text va
 `sample` and `eval --step` should use when the run ends past its best point.
 
 Chosen per run from the corpus size, the budget and the host (lstm_jax.recipe; the start-up line
-says what and why): the model (on a CPU the last of LSTM(256), LSTM(384), two layers of 256 and
-LSTM(512) that the budget reads the text at least 14 times at: LSTM(256) reads it ~4x as often
-as LSTM(512); accelerators LSTM(512)), the dropout (between layers and before the head: none
+says what and why): the model (on a CPU the last of LSTM(256), LSTM(384) and two layers of 256
+that the budget reads the text at least 14 times at: LSTM(256) reads it ~2.8x as often as two
+layers; accelerators LSTM(512)), the dropout (between layers and before the head: none
 for a corpus read about once, 0.25 for one read about twelve times, more beyond) and the matmul
 dtype (bfloat16 on CPUs with AVX512-BF16). Set any of them on the command line to override (a
 hidden size set alone keeps one layer). The measurements behind the rule, against the previous

@@ -116,8 +116,9 @@ NOTES = {"recipe_cpu": [
     "character embeddings; the previous recipe pins 0, the init it had).",
     "'hidden_size256+num_layers2' is the recipe with two layers of 256 forced (dropout chosen by "
     "the rule): the rule's choice for pydoc and Nietzsche at every budget here since LSTM(512) "
-    "left recipe.MODELS; the 'recipe' runs of pydoc and Nietzsche at 5 and 10 minutes are the "
-    "rule before that (LSTM(512) at pydoc 5 and Nietzsche 10).",
+    "left recipe.MODELS. 'hidden_size512' (LSTM(512) forced) is what the rule chose before that "
+    "at pydoc 5 and Nietzsche 10 minutes: those two ran as 'recipe' and their workdirs were "
+    "renamed after the change. The 'recipe' runs are the rule's choice then and now.",
     "'nietzsche_previous_5min' is the host check: the previous recipe's 5-minute Nietzsche run "
     "of recipe_cpu.json (an Intel Xeon host of an earlier session) again, here.",
 ]}
@@ -288,7 +289,8 @@ LINES = {"recipe": ("o-", "C0", "configs/recipe.py"),
          "uncapped": ("^:", "C2", "configs/recipe.py without its 20-epoch cap"),
          "hidden_size256": ("d-.", "C3", "configs/recipe.py with LSTM(256) forced"),
          "hidden_size384": ("v-.", "C4", "configs/recipe.py with LSTM(384) forced"),
-         "hidden_size256+num_layers2": ("P-", "C5", "configs/recipe.py with 2 x LSTM(256) forced")}
+         "hidden_size256+num_layers2": ("P-", "C5", "configs/recipe.py with 2 x LSTM(256) forced"),
+         "hidden_size512": ("x:", "C6", "configs/recipe.py with LSTM(512) forced")}
 
 
 def plot(record: dict, path: pathlib.Path) -> None:

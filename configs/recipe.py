@@ -32,8 +32,9 @@ def get_config():
     c.model.num_layers = 0       # the recipe chooses
     c.model.dropout = -1.0       # the recipe chooses
     c.model.dtype = "auto"       # the recipe chooses
-    c.model.embed_scale = 1.0    # unit-scale character embeddings: deep models leave the
-                                 # unigram plateau at once (benchmarks/README.md, "Embedding scale")
+    c.model.embed_scale = 1.0    # unit-scale character embeddings: models leave the unigram
+                                 # plateau in tens of steps, not hundreds (benchmarks/README.md,
+                                 # "Embedding scale")
     c.optimizer.learning_rate = 0.01
     c.optimizer.clip_norm = 5.0
     c.optimizer.schedule = "cosine"

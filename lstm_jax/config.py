@@ -261,7 +261,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.param_dtype must be 'float32' or 'bfloat16', got "
                          f"{config.model.param_dtype!r}")
-    if not config.model.get("embed_scale", 0.0) >= 0.0:
+    if not config.model.embed_scale >= 0.0:
         raise ValueError(f"model.embed_scale must be >= 0 (0: the first layer's own init), got "
                          f"{config.model.embed_scale!r}")
     if not (0.0 <= config.model.dropout < 1.0 or config.model.dropout == -1):

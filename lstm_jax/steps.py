@@ -55,7 +55,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
     m = config.model
     return ModelConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
                        dropout=m.dropout, keras_init=m.keras_init,
-                       embed_scale=m.get("embed_scale", 0.0), dtype=m.dtype,
+                       embed_scale=m.embed_scale, dtype=m.dtype,
                        param_dtype=m.param_dtype, backward=m.backward)
 
 

@@ -38,7 +38,7 @@ def _main(argv: Sequence[str]) -> int:
     if command not in COMMANDS:
         import difflib
         hint = difflib.get_close_matches(command, COMMANDS, n=1)
-        raise SystemExit(f"lstm-jax: unknown command {command!r}"
+        raise SystemExit(f"lstm-jax: error: unknown command {command!r}"
                          + (f"; did you mean {hint[0]!r}?" if hint else "") + "\n\n" + _usage())
     module, function, _ = COMMANDS[command]
     run = getattr(importlib.import_module(f"lstm_jax.commands.{module}"), function)

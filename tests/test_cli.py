@@ -63,6 +63,8 @@ def expect_exit(match, *args):
         run_cli(*args)
     message = str(e.value.code)
     assert match in message, message
+    # every command's errors read alike: one line, one prefix, the fix in it
+    assert message.startswith("lstm-jax: error: ") and "\n" not in message, message
     return message
 
 
@@ -104,6 +106,18 @@ def test_unknown_config_field_names_the_closest(tmp_path):
     msg = expect_exit("config.model.hidden_size", "train", *TINY, "--workdir", str(tmp_path / "w"),
                       "--config.model.hiden_size=3")
     assert "did you mean" in msg.lower()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--bogus"], "Unknown command line flag 'bogus'; `lstm-jax train --help` lists"),
+    (["sample", "--workdir", "w", "--temperature", "hot"], "--temperature must be numbers"),
+    (["sample", "--workdir", "w", "--prime", "a", "--prime_file", "p"], "not both"),
+    (["plot", "--workdir", "w", "--out", "chart"], "has no file extension"),
+])
+def test_flag_errors_of_every_command_are_one_line(tmp_path, monkeypatch, args, match):
+    monkeypatch.chdir(tmp_path)
+    expect_exit(match, *args)
+    assert not (tmp_path / "w").exists()
 
 
 def test_batch_not_divisible_by_devices(tmp_path, repetitive_corpus):

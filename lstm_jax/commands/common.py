@@ -57,7 +57,7 @@ def define_config(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
         config_flags.DEFINE_config_dict("config", config, f"config ({path or 'the default'})",
                                         flag_values=fv, sys_argv=argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"lstm-jax: {_explain_flag_error(e, argv)}") from None
+        raise SystemExit(f"lstm-jax: error: {_explain_flag_error(e, argv, 'train')}") from None
     return argv
 
 
@@ -71,15 +71,16 @@ def parse(fv: flags.FlagValues, argv: Sequence[str], command: str, extra_help: s
     try:
         fv(list(argv))
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"lstm-jax {command}: {_explain_flag_error(e, argv)}")
+        raise SystemExit(f"lstm-jax: error: {_explain_flag_error(e, argv, command)}") from None
     if command in ("train", "sample", "eval", "bench", "export") and fv["compile_cache"].value:
         from lstm_jax import compile_cache
         if compile_cache.enabled_by_env():
             compile_cache.enable()
 
 
-def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
-    """Names a misspelt --config.FIELD and the closest valid fields; else absl's message."""
+def _explain_flag_error(e: Exception, argv: Sequence[str], command: str) -> str:
+    """One line: a misspelt --config.FIELD and the closest valid fields, else absl's message;
+    then where the valid ones are listed."""
     from lstm_jax import config as config_lib
     known = {name for name, _ in config_lib.flat_items(config_lib.get_config())}
     for arg in argv[1:]:
@@ -88,8 +89,8 @@ def _explain_flag_error(e: Exception, argv: Sequence[str]) -> str:
             hint = config_lib.closest_fields(m.group(1))
             return (f"unknown config field --config.{m.group(1)}"
                     + (f"; did you mean {' or '.join('--config.' + h for h in hint)}?" if hint else "")
-                    + "\n  (lstm-jax train --help lists every config field)")
-    return f"{e}\n  (lstm-jax COMMAND --help lists every flag)"
+                    + "; `lstm-jax train --help` lists every config field")
+    return f"{'; '.join(str(e).splitlines())}; `lstm-jax {command} --help` lists every flag"
 
 
 def host_setup(config, vocab_size: int = 0) -> "hostenv.HostPlan":
@@ -105,7 +106,7 @@ def host_setup(config, vocab_size: int = 0) -> "hostenv.HostPlan":
                                   mesh_devices=0 if config.parallel.distributed
                                   else config.parallel.num_devices)
     except ValueError as e:   # hostenv.UnsafeHostSetting: a PJRT_NPROC XLA:CPU would abort with
-        raise SystemExit(f"lstm-jax train: {e}")
+        raise SystemExit(f"lstm-jax: error: {e}") from None
     if config.parallel.distributed:
         from lstm_jax import parallel
         parallel.initialize_distributed(config.parallel.coordinator_address,

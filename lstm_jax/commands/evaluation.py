@@ -29,7 +29,7 @@ def evaluate(argv: Sequence[str]) -> int:
     debug, path, workdir = fv["debug"].value, common.path(fv["text"].value), pathlib.Path(common.path(fv["workdir"].value))
     log = workdir / "eval.jsonl"
     if fv["log"].value and workdir.is_dir() and not os.access(log if log.exists() else workdir, os.W_OK):
-        raise SystemExit(f"lstm-jax eval: cannot write {log} (a read-only workdir?), where eval "
+        raise SystemExit(f"lstm-jax: error: cannot write {log} (a read-only workdir?), where eval "
                          f"appends each result; make it writable, or pass --nolog")
     text = common.friendly(lambda: corpora.load_text(path, flag="--text", errors=fv["encoding_errors"].value,
                                                      errors_flag="--encoding_errors"), debug) if path else None

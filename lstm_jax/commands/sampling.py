@@ -36,19 +36,19 @@ def sample(argv: Sequence[str]) -> int:
     try:
         temperatures = [float(t) for t in fv["temperature"].value]
     except ValueError:
-        raise SystemExit(f"lstm-jax sample: --temperature must be numbers separated by commas, "
+        raise SystemExit(f"lstm-jax: error: --temperature must be numbers separated by commas, "
                          f"got {','.join(fv['temperature'].value)!r}")
     workdir, out, prime_file = (common.path(fv[name].value) for name in ("workdir", "out", "prime_file"))
     if prime_file and fv["prime"].value:
-        raise SystemExit("lstm-jax sample: pass --prime or --prime_file, not both")
+        raise SystemExit("lstm-jax: error: pass --prime or --prime_file, not both")
     if prime_file:
         try:
             with open(prime_file, encoding="utf-8") as f:
                 prime = [line.rstrip("\n") for line in f]
         except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"lstm-jax sample: cannot read --prime_file: {e}")
+            raise SystemExit(f"lstm-jax: error: cannot read --prime_file: {e}")
         if not prime:
-            raise SystemExit(f"lstm-jax sample: --prime_file {prime_file} is empty; write one "
+            raise SystemExit(f"lstm-jax: error: --prime_file {prime_file} is empty; write one "
                              f"prime per line (an empty line primes nothing)")
     else:
         prime = fv["prime"].value or None

@@ -20,13 +20,13 @@ def plot(argv: Sequence[str]) -> int:
     from lstm_jax import plot as plot_lib
     out = common.path(fv["out"].value)
     if os.path.isdir(out):
-        raise SystemExit(f"lstm-jax plot: --out {out} is a directory; name a PNG file, such as "
+        raise SystemExit(f"lstm-jax: error: --out {out} is a directory; name a PNG file, such as "
                          f"{os.path.join(out, 'loss.png')}")
     if not os.path.splitext(out)[1]:   # matplotlib would write OUT.png
-        raise SystemExit(f"lstm-jax plot: --out {out} has no file extension; name a PNG file, "
+        raise SystemExit(f"lstm-jax: error: --out {out} has no file extension; name a PNG file, "
                          f"such as {out}.png")
     if not os.path.isdir(os.path.dirname(out) or "."):
-        raise SystemExit(f"lstm-jax plot: the directory of --out {out} does not exist; create it first")
+        raise SystemExit(f"lstm-jax: error: the directory of --out {out} does not exist; create it first")
     common.friendly(lambda: plot_lib.plot_runs([common.path(w) for w in fv["workdir"].value], out,
                                                keras_reference=fv["keras_reference"].value),
               fv["debug"].value)
@@ -63,7 +63,7 @@ def bench(argv: Sequence[str]) -> int:
             raise ValueError(f"--sample_rows must be positive row counts, got "
                              f"{','.join(fv['sample_rows'].value) or 'none'}")
     except ValueError as e:
-        raise SystemExit(f"lstm-jax bench: {e}")
+        raise SystemExit(f"lstm-jax: error: {e}")
     vocab_size = fv["vocab_size"].value
     if not vocab_size:
         from lstm_jax import data as data_lib

@@ -24,9 +24,9 @@ def train(argv: Sequence[str]) -> int:
     try:
         config_lib.validate(config)
     except ValueError as e:
-        raise SystemExit(f"lstm-jax train: {e}")
+        raise SystemExit(f"lstm-jax: error: {e}")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise SystemExit(f"lstm-jax train: --workdir {workdir} is a file, not a directory; "
+        raise SystemExit(f"lstm-jax: error: --workdir {workdir} is a file, not a directory; "
                          f"choose another --workdir")
     signals.stop_if_signalled()
     from lstm_jax import data, train as train_lib   # imports JAX, computes nothing
@@ -34,7 +34,7 @@ def train(argv: Sequence[str]) -> int:
     corpus = common.friendly(lambda: data.load_corpus(config), fv["debug"].value)
     signals.stop_if_signalled()
     if missing := corpus.vocab.unknown_chars(config.sample.prime):
-        raise SystemExit(f"lstm-jax train: sample.prime {config.sample.prime!r} has characters "
+        raise SystemExit(f"lstm-jax: error: sample.prime {config.sample.prime!r} has characters "
                          f"outside the corpus's vocabulary: {''.join(missing)!r}; choose a prime "
                          f"made of the corpus's characters (or '' for a held-out window)")
     from lstm_jax import recipe
@@ -77,7 +77,7 @@ def prepare(argv: Sequence[str]) -> int:
         config_lib.validate(config)
         data.check_prepare_out(out, fv["replace"].value)
     except ValueError as e:
-        raise SystemExit(f"lstm-jax prepare: {e}")
+        raise SystemExit(f"lstm-jax: error: {e}")
     text = common.friendly(lambda: corpora.load_text(config.corpus, lowercase=config.lowercase,
                                                      errors=config.encoding_errors), debug)
     vocab = common.friendly(lambda: data.prepare(text, out, config.val_fraction, replace=fv["replace"].value,

@@ -12,11 +12,13 @@ measured quality-per-minute runs (benchmarks/README.md, "Recipe"):
 - dtype: bfloat16 on CPUs with AVX512-BF16 (the same loss as float32 over two Nietzsche epochs,
   more characters per second), float32 elsewhere;
 - the model on CPUs: the last of `MODELS` (LSTM(256), LSTM(384), two layers of 256) that the
-  budget reads the training text at least `MODEL_EPOCHS` times at (or `num_epochs`, if fewer),
-  else LSTM(256). A cheaper model trains more characters in the same time: on a large corpus
-  that is more text seen, and on a small one a dearer model read fewer times than that had not
-  caught up with the cheaper one; past it the cheaper model is at its epoch cap and the dearer
-  one wins. LSTM(512) is not a CPU choice: with unit-scale character embeddings
+  budget reads the training text at least `MODEL_EPOCHS` times at (or `num_epochs`, if fewer)
+  or trains at least `MODEL_CHARS` characters on, else LSTM(256). A cheaper model trains more
+  characters in the same time: on a small corpus a dearer model read fewer times than that had
+  not caught up with the cheaper one; past it the cheaper model is at its epoch cap and the
+  dearer one wins. A large corpus is never read that often; there what counts is the characters
+  trained (the rule's estimate): on the 12 MB stdlib source LSTM(384) tied with LSTM(256) at
+  ~11M, and the dearer models won from ~17M on. LSTM(512) is not a CPU choice: with unit-scale character embeddings
   (configs/recipe.py's `model.embed_scale`) two layers of 256 beat it at the same budget on
   pydoc and Nietzsche, overfitting less. Accelerators: LSTM(512) (there the smaller models are
   not that much faster);
@@ -47,6 +49,7 @@ AUTO_HIDDEN, AUTO_LAYERS, AUTO_DROPOUT, AUTO_DTYPE = 0, 0, -1.0, "auto"
 # dearest: the recipe takes the last one the budget reads MODEL_EPOCHS times.
 MODELS = ((256, 1), (384, 1), (256, 2))
 MODEL_EPOCHS = 14            # epochs of the training text a bigger model needs to beat a smaller
+MODEL_CHARS = 14e6           # ... or characters trained, on a corpus too large to read that often
 TRAINING_SHARE = 0.85        # of the budget: the rest is compiles, evaluations, checkpoints
 # Sustained training FLOP/s per core of the recurrence on x86-64 CPUs, float32 (bfloat16: x1.5 on
 # the native kernel, x1.2 on XLA's matmuls where AMX makes those the faster):
@@ -110,11 +113,14 @@ def candidates(hidden: int, layers: int, platform: str) -> tuple[tuple[int, int]
     return tuple(m for m in MODELS if m[1] == layers) or ((256, layers),)
 
 
-def choose_model(epochs_at: dict[tuple[int, int], float], need: float) -> tuple[int, int]:
+def choose_model(epochs_at: dict[tuple[int, int], float], need: float,
+                 train_chars: int) -> tuple[int, int]:
     """Of the candidates (`epochs_at`'s keys, cheapest first) the last the budget reads at
-    least `need` times, else the first."""
-    read_enough = [m for m in epochs_at if epochs_at[m] >= need]
-    return read_enough[-1] if read_enough else next(iter(epochs_at))
+    least `need` times (at most num_epochs: a run reads no more) or trains at least
+    MODEL_CHARS characters on, else the first."""
+    enough = [m for m in epochs_at
+              if epochs_at[m] >= need or epochs_at[m] * train_chars >= MODEL_CHARS]
+    return enough[-1] if enough else next(iter(epochs_at))
 
 
 def describe(hidden: int, layers: int) -> str:
@@ -153,17 +159,23 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     if m.dtype == AUTO_DTYPE:
         m.dtype = choose_dtype(platform, flags)
     rate = host_rate(platform, m.dtype, flags, cores)
-    why_small = ""
+    why = ""
     if m.hidden_size == AUTO_HIDDEN or m.num_layers == AUTO_LAYERS:
         options = candidates(m.hidden_size, m.num_layers, platform)
         epochs_at = {(h, n): trained_chars(h, vocab_size, n, budget, rate) / max(train_chars, 1)
                      for h, n in options}
         need = min(MODEL_EPOCHS, config.num_epochs)    # a run reads at most num_epochs
-        m.hidden_size, m.num_layers = choose_model(epochs_at, need)
-        bigger = options[options.index((m.hidden_size, m.num_layers)) + 1:]
+        m.hidden_size, m.num_layers = choose_model(epochs_at, need, train_chars)
+        chosen = options.index((m.hidden_size, m.num_layers))
+        bigger = options[chosen + 1:]
+        if chosen and epochs_at[options[chosen]] < need:
+            why += (f"; over the {MODEL_CHARS / 1e6:g}M chars a bigger model needs on a "
+                         f"corpus it reads under {need:g} times")
         if bigger:
-            why_small = (f"; {describe(*bigger[0])} would read it ~{epochs_at[bigger[0]]:,.1f} "
-                         f"times, under the {need:g} a bigger model needs")
+            reads = epochs_at[bigger[0]]
+            why += (f"; {describe(*bigger[0])} would read it ~{reads:,.1f} times (~"
+                         f"{reads * train_chars / 1e6:,.1f}M chars), under the {need:g} (or "
+                         f"{MODEL_CHARS / 1e6:g}M) a bigger model needs")
     chars = trained_chars(m.hidden_size, vocab_size, m.num_layers, budget, rate)
     fits = chars / max(train_chars, 1)
     epochs = min(fits, config.num_epochs)     # num_epochs caps the run (configs/recipe.py: 20)
@@ -174,7 +186,7 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
               f"fits ~{fits:,.1f}: the run ends early)" if fits > config.num_epochs else
               f"~{epochs:,.1f} epochs of {train_chars:,} training chars")
     return (f"recipe: {describe(m.hidden_size, m.num_layers)}, dropout {m.dropout:g}, {m.dtype}: "
-            f"{budget:g} s trains ~{chars / 1e6:,.1f}M chars here ({where}), {capped}{why_small}")
+            f"{budget:g} s trains ~{chars / 1e6:,.1f}M chars here ({where}), {capped}{why}")
 
 
 def apply(config: ml_collections.ConfigDict, corpus, workdir=None,

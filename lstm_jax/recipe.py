@@ -17,8 +17,8 @@ measured quality-per-minute runs (benchmarks/README.md, "Recipe"):
   characters in the same time: on a small corpus a dearer model read fewer times than that had
   not caught up with the cheaper one; past it the cheaper model is at its epoch cap and the
   dearer one wins. A large corpus is never read that often; there what counts is the characters
-  trained (the rule's estimate): on the 12 MB stdlib source LSTM(384) tied with LSTM(256) at
-  ~11M, and the dearer models won from ~17M on. LSTM(512) is not a CPU choice: with unit-scale character embeddings
+  trained, and `MODEL_CHARS` sits between where LSTM(384) tied LSTM(256) on the stdlib source
+  and where the dearer models won. LSTM(512) is not a CPU choice: with unit-scale character embeddings
   (configs/recipe.py's `model.embed_scale`) two layers of 256 beat it at the same budget on
   pydoc and Nietzsche, overfitting less. Accelerators: LSTM(512) (there the smaller models are
   not that much faster);
@@ -46,7 +46,8 @@ from lstm_jax import flops, hostenv
 
 AUTO_HIDDEN, AUTO_LAYERS, AUTO_DROPOUT, AUTO_DTYPE = 0, 0, -1.0, "auto"
 # On CPUs, (hidden, layers) from the cheapest per character (at small vocabularies) to the
-# dearest: the recipe takes the last one the budget reads MODEL_EPOCHS times.
+# dearest: the recipe takes the last one the budget reads MODEL_EPOCHS times or trains
+# MODEL_CHARS characters on.
 MODELS = ((256, 1), (384, 1), (256, 2))
 MODEL_EPOCHS = 14            # epochs of the training text a bigger model needs to beat a smaller
 MODEL_CHARS = 14e6           # ... or characters trained, on a corpus too large to read that often
@@ -170,12 +171,12 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
         bigger = options[chosen + 1:]
         if chosen and epochs_at[options[chosen]] < need:
             why += (f"; over the {MODEL_CHARS / 1e6:g}M chars a bigger model needs on a "
-                         f"corpus it reads under {need:g} times")
+                    f"corpus it reads under {need:g} times")
         if bigger:
             reads = epochs_at[bigger[0]]
             why += (f"; {describe(*bigger[0])} would read it ~{reads:,.1f} times (~"
-                         f"{reads * train_chars / 1e6:,.1f}M chars), under the {need:g} (or "
-                         f"{MODEL_CHARS / 1e6:g}M) a bigger model needs")
+                    f"{reads * train_chars / 1e6:,.1f}M chars), under the {need:g} (or "
+                    f"{MODEL_CHARS / 1e6:g}M) a bigger model needs")
     chars = trained_chars(m.hidden_size, vocab_size, m.num_layers, budget, rate)
     fits = chars / max(train_chars, 1)
     epochs = min(fits, config.num_epochs)     # num_epochs caps the run (configs/recipe.py: 20)

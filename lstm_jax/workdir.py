@@ -157,9 +157,8 @@ def resume_differences(saved: dict, now: dict) -> list[str]:
 def refuse_resume(workdir: pathlib.Path, diffs: list[str]) -> WorkdirError:
     return WorkdirError(
         f"{workdir} holds a run with other settings; resuming it with these would change what it "
-        f"trains on or how:\n  " + "\n  ".join(diffs) +
-        "\nUse another --workdir, drop the overrides, or pass --new_run to move the old run aside "
-        "(nothing is deleted) and start afresh.")
+        f"trains on or how ({'; '.join(diffs)}): use another --workdir, drop the overrides, or "
+        "pass --new_run to move the old run aside (nothing is deleted) and start afresh")
 
 
 def move_aside(workdir: pathlib.Path) -> pathlib.Path:

@@ -317,7 +317,7 @@ def test_a_workdir_whose_checkpoints_were_deleted_keeps_its_old_record(tmp_path,
               if p.name in ("config.json", "metrics.jsonl", "samples.txt") or p.name.startswith("events.")}
     assert len(record) == 4 and record["metrics.jsonl"], sorted(record)
     flags = [*TINY, "--workdir", str(workdir), f"--config.corpus={corpus}", "--noprogress"]
-    with pytest.raises(SystemExit, match="holds a run with other settings"):   # a line per field
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
         run_cli("train", *flags, "--config.model.hidden_size=16")
     assert {name: (workdir / name).read_bytes() for name in record} == record
     capsys.readouterr()

@@ -18,10 +18,10 @@ measured quality-per-minute runs (benchmarks/README.md, "Recipe"):
   not caught up with the cheaper one; past it the cheaper model is at its epoch cap and the
   dearer one wins. A large corpus is never read that often; there what counts is the characters
   trained, and `MODEL_CHARS` sits between where LSTM(384) tied LSTM(256) on the stdlib source
-  and where the dearer models won. LSTM(512) is not a CPU choice: with unit-scale character embeddings
-  (configs/recipe.py's `model.embed_scale`) two layers of 256 beat it at the same budget on
-  pydoc and Nietzsche, overfitting less. Accelerators: LSTM(512) (there the smaller models are
-  not that much faster);
+  and where the dearer models won. LSTM(512) is not a CPU choice: with unit-scale character
+  embeddings (configs/recipe.py's `model.embed_scale`) two layers of 256 beat it at the same
+  budget on pydoc and Nietzsche, overfitting less. Accelerators: LSTM(512) (there the smaller
+  models are not that much faster);
 - dropout (between layers and before the head): none for about one epoch, rising with
   log2(epochs) (0.25 at about twelve epochs, 0.3 at about 24): a small corpus read many times
   over overfits LSTM(512), a large one read once does not, and too much dropout slows a short

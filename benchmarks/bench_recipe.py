@@ -131,7 +131,7 @@ NOTES = {"recipe_cpu": [
     "(266-423 s), so a 15-minute budget trains the same steps on the same schedule: the 15-minute "
     "runs end at the 10-minute runs' losses. vimdoc_recipe_15min had a 75-s test run beside it "
     "(its loss, 20 capped epochs, is not affected; its wall time and chars/s are not clean).",
-    "The machine ran about 16% slower in the second session (the previous recipe: 5.8 steps/s on "
+    "The machine ran 7-17% slower in the second session (the previous recipe: 5.8 steps/s on "
     "Nietzsche against 6.9 in the first): the previous recipe's runs other than Nietzsche's at 5 "
     "and 10 minutes, the stdlib source's recipe runs at 10 and 15 minutes, its hidden_size384 "
     "runs and the 15-minute recipe runs ran then.",

@@ -114,14 +114,11 @@ def candidates(hidden: int, layers: int, platform: str) -> tuple[tuple[int, int]
     return tuple(m for m in MODELS if m[1] == layers) or ((256, layers),)
 
 
-def choose_model(epochs_at: dict[tuple[int, int], float], need: float,
-                 train_chars: int) -> tuple[int, int]:
-    """Of the candidates (`epochs_at`'s keys, cheapest first) the last the budget reads at
-    least `need` times (at most num_epochs: a run reads no more) or trains at least
-    MODEL_CHARS characters on, else the first."""
-    enough = [m for m in epochs_at
-              if epochs_at[m] >= need or epochs_at[m] * train_chars >= MODEL_CHARS]
-    return enough[-1] if enough else next(iter(epochs_at))
+def choose_model(chars_at: dict[tuple[int, int], float], enough: float) -> tuple[int, int]:
+    """Of the candidates (`chars_at`'s keys, cheapest first) the last the budget trains at
+    least `enough` characters on, else the first."""
+    trained_enough = [m for m in chars_at if chars_at[m] >= enough]
+    return trained_enough[-1] if trained_enough else next(iter(chars_at))
 
 
 def describe(hidden: int, layers: int) -> str:
@@ -163,19 +160,20 @@ def resolve(config: ml_collections.ConfigDict, train_chars: int, vocab_size: int
     why = ""
     if m.hidden_size == AUTO_HIDDEN or m.num_layers == AUTO_LAYERS:
         options = candidates(m.hidden_size, m.num_layers, platform)
-        epochs_at = {(h, n): trained_chars(h, vocab_size, n, budget, rate) / max(train_chars, 1)
-                     for h, n in options}
+        chars_at = {(h, n): trained_chars(h, vocab_size, n, budget, rate) for h, n in options}
         need = min(MODEL_EPOCHS, config.num_epochs)    # a run reads at most num_epochs
-        m.hidden_size, m.num_layers = choose_model(epochs_at, need, train_chars)
+        # `need` epochs of the training text, or MODEL_CHARS on a text too large for that
+        enough = min(need * max(train_chars, 1), MODEL_CHARS)
+        m.hidden_size, m.num_layers = choose_model(chars_at, enough)
         chosen = options.index((m.hidden_size, m.num_layers))
         bigger = options[chosen + 1:]
-        if chosen and epochs_at[options[chosen]] < need:
+        if chosen and chars_at[options[chosen]] < need * max(train_chars, 1):
             why += (f"; over the {MODEL_CHARS / 1e6:g}M chars a bigger model needs on a "
                     f"corpus it reads under {need:g} times")
         if bigger:
-            reads = epochs_at[bigger[0]]
-            why += (f"; {describe(*bigger[0])} would read it ~{reads:,.1f} times (~"
-                    f"{reads * train_chars / 1e6:,.1f}M chars), under the {need:g} (or "
+            more = chars_at[bigger[0]]
+            why += (f"; {describe(*bigger[0])} would read it ~{more / max(train_chars, 1):,.1f} "
+                    f"times (~{more / 1e6:,.1f}M chars), under the {need:g} (or "
                     f"{MODEL_CHARS / 1e6:g}M) a bigger model needs")
     chars = trained_chars(m.hidden_size, vocab_size, m.num_layers, budget, rate)
     fits = chars / max(train_chars, 1)
